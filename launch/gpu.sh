@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Single-host GPU run: installs jax[cuda12] into .venv once, then runs the command.
+#   launch/gpu.sh python -m colar_jax.train_sft --config=configs/base.py:llama32_1b,colar --workdir=runs/x
+# All visible GPUs form the mesh (default: data=-1); set --config.mesh.fsdp=-1
+# --config.mesh.data=1 to shard parameters instead of replicating them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -f .venv/.installed-gpu ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q -c constraints.txt -e '.[gpu]'
+  touch .venv/.installed-gpu
+fi
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+# Latency-hiding scheduler overlaps FSDP all-gathers with compute on multi-GPU hosts.
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+[ "${1:-}" = "python" ] && shift
+exec .venv/bin/python "$@"
