@@ -1,0 +1,70 @@
+"""Worker for tests/test_multihost.py: a few sharded train steps of the tiny model.
+
+Run as N processes (each with --xla_force_host_platform_device_count=8/N) joined
+by jax.distributed on localhost, or as one 8-device process; prints the losses
+as JSON so the test can compare them.
+"""
+
+import json
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+import jax.numpy as jnp  # noqa: E402
+import ml_collections as mlc  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from colar_jax import sharding as sh  # noqa: E402
+from colar_jax.model import CoLaRModel, ModelConfig  # noqa: E402
+
+
+def main() -> None:
+  nproc, pid, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+  cfg = mlc.ConfigDict({
+      "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
+      "distributed": {"initialize": "true" if nproc > 1 else "false",
+                      "coordinator_address": f"localhost:{port}" if nproc > 1 else "",
+                      "num_processes": nproc, "process_id": pid}})
+  sh.maybe_initialize_distributed(cfg)
+  mesh = sh.make_mesh(cfg)
+  sh.check_process_layout(mesh)
+  rules = sh.DEFAULT_RULES
+  mc = ModelConfig(vocab_size=48, hidden_size=64, intermediate_size=128, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16)
+  model = sh.create_sharded(lambda: CoLaRModel(mc, rngs=nnx.Rngs(0)), mesh, rules)
+  graphdef, state = nnx.split(model)
+  tx = optax.adamw(3e-3)
+  opt = jax.jit(tx.init)(state)
+
+  def loss_fn(st, ids):
+    out = nnx.merge(graphdef, st).lm(ids)
+    logp = jax.nn.log_softmax(out.logits[:, :-1])
+    return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+
+  @jax.jit
+  def step(st, opt, ids):
+    loss, g = jax.value_and_grad(loss_fn)(st, ids)
+    upd, opt = tx.update(g, opt, st)
+    return optax.apply_updates(st, upd), opt, loss
+
+  global_batch = np.random.default_rng(0).integers(1, 48, size=(4, 8, 12)).astype(np.int32)
+  bs = sh.batch_sharding(mesh, rules)
+  losses = []
+  for ids in global_batch:
+    # Each process supplies only its own rows, as a real multi-host input pipeline does.
+    n = jax.process_count()
+    local = np.split(ids, n)[jax.process_index()]
+    arr = jax.make_array_from_process_local_data(bs, local, ids.shape)
+    state, opt, loss = step(state, opt, arr)
+    losses.append(float(loss))
+  if jax.process_index() == 0:
+    print("LOSSES " + json.dumps(losses), flush=True)
+
+
+if __name__ == "__main__":
+  main()
