@@ -40,6 +40,7 @@ _EXPORTS = {
     "TrainPipeline": "pipeline",
     "make_train_pipeline": "pipeline",
     "make_sft_encode_fn": "pipeline",
+    "SftEncoder": "pipeline",
     "eval_batches": "pipeline",
     "EvalBatch": "pipeline",
     "extract_answer": "answers",

@@ -30,10 +30,9 @@ def normalize_number_text(text: str) -> str:
 
 def _as_float(text: str) -> float | None:
     try:
-        value = float(text)
+        return float(text)  # NaN parses too, and then never equals anything
     except ValueError:
         return None
-    return value if value == value else None  # NaN never equals anything
 
 
 def _latex(text: str) -> str:

@@ -22,6 +22,7 @@ Record features: ``question`` (Text), ``steps`` (Sequence(Text)), ``answer`` (Te
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,13 @@ class _Base(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._skipped: dict[str, list[str]] = {}
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
+
+    # tfds prints these two banners to stdout; the CLI's stdout is the split sizes only.
+    def _log_download_bytes(self) -> None:
+        logging.info("preparing %s (%s) under %s", self.name, self.builder_config_name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("prepared %s under %s", self.name, self.data_dir)
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = {

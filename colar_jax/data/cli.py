@@ -101,7 +101,8 @@ def _show(builders, args: argparse.Namespace, config) -> int:  # noqa: ANN001
         print(f"error: no split {split!r}; have {splits}", file=sys.stderr)
         return 1
     source = builder.as_data_source(split=split)
-    print(f"{args.dataset}/{builder.builder_config.name if builder.builder_config else ''} {split}: {len(source)}")
+    label = f"{args.dataset}/{builder.builder_config.name}" if builder.builder_config else args.dataset
+    print(f"{label} {split}: {len(source)}")
     for i in range(min(args.n, len(source))):
         rec = Record.from_example(source[i])
         print(f"--- [{i}] {rec.id}")

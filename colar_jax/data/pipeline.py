@@ -68,6 +68,27 @@ class SpeedSampler:
         return Speed(factor=factor, auto=bool(rng.random() < self.auto_prob))
 
 
+@dataclasses.dataclass(frozen=True)
+class SftEncoder:
+    """The default encoder: :func:`encode_sft_batch` with the drawn speed (epoch unused).
+
+    A picklable class rather than a closure, so the dataset also works with grain's
+    multiprocessing prefetch.
+    """
+
+    tokenizer: Any
+    templates: PromptTemplates
+    buckets: Buckets
+    fixed_shapes: bool = False
+    stats: EncodeStats | None = None
+
+    def __call__(self, records: list[Record], speed: Speed, epoch: int) -> dict[str, np.ndarray]:
+        del epoch
+        return encode_sft_batch(
+            records, self.tokenizer, self.templates, speed, self.buckets, stats=self.stats, fixed_shapes=self.fixed_shapes
+        )
+
+
 def make_sft_encode_fn(
     tokenizer: Any,
     templates: PromptTemplates,
@@ -76,13 +97,20 @@ def make_sft_encode_fn(
     fixed_shapes: bool = False,
     stats: EncodeStats | None = None,
 ) -> EncodeFn:
-    """The default encoder: :func:`encode_sft_batch` with the drawn speed (epoch unused)."""
+    """Shorthand for :class:`SftEncoder`."""
+    return SftEncoder(tokenizer, templates, buckets, fixed_shapes, stats)
 
-    def encode(records: list[Record], speed: Speed, epoch: int) -> dict[str, np.ndarray]:
-        del epoch
-        return encode_sft_batch(records, tokenizer, templates, speed, buckets, stats=stats, fixed_shapes=fixed_shapes)
 
-    return encode
+@dataclasses.dataclass(frozen=True)
+class _EncodeAt:
+    """``map_with_index`` transform: global batch index -> speed draw and epoch."""
+
+    encode_fn: EncodeFn
+    sampler: SpeedSampler
+    batches_per_epoch: int
+
+    def __call__(self, index: int, records: list[Record]) -> dict[str, np.ndarray]:
+        return self.encode_fn(records, self.sampler(index), index // self.batches_per_epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,16 +161,12 @@ def make_train_pipeline(
     shard_size = len(ds)
     if shard_size < batch_size:
         raise ValueError(f"shard of {shard_size} examples is smaller than one batch ({batch_size})")
-    ds = ds.map(lambda ex: ex if isinstance(ex, Record) else Record.from_example(ex))
+    ds = ds.map(_record)
     ds = ds.shuffle(seed=seed).batch(batch_size, drop_remainder=True, batch_fn=list)
     batches_per_epoch = len(ds)
     ds = ds.repeat(num_epochs)
-
-    def encode(index: int, records: list[Record]) -> dict[str, np.ndarray]:
-        return encode_fn(records, sampler(index), index // batches_per_epoch)
-
     return TrainPipeline(
-        dataset=ds.map_with_index(encode),
+        dataset=ds.map_with_index(_EncodeAt(encode_fn, sampler, batches_per_epoch)),
         batches_per_epoch=batches_per_epoch,
         shard_size=shard_size,
         read_options=grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch),

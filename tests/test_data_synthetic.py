@@ -1,0 +1,71 @@
+"""The synthetic chain task: determinism, correctness of every step, disjoint splits."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from colar_jax.data.synthetic import SyntheticTask, apply_op, generate_splits, make_record, solve_question
+
+SMALL = SyntheticTask(train_size=600, val_size=100, test_size=100, seed=3)
+
+
+def test_the_documented_example():
+    rec = make_record(2, [("*", 3), ("-", 2), ("-", 8), ("-", 7)], 10)
+    assert rec.question == "x=2;x*3;x-2;x-8;x-7?"
+    assert rec.steps == ("2*3=6", "6-2=4", "4-8=6", "6-7=9")
+    assert rec.answer == "9"
+
+
+def test_deterministic_for_a_seed_and_different_across_seeds():
+    a, b = generate_splits(SMALL), generate_splits(SMALL)
+    assert a == b
+    c = generate_splits(dataclasses.replace(SMALL, seed=4))
+    assert [r.question for r in c["train"]] != [r.question for r in a["train"]]
+
+
+def test_test_split_does_not_depend_on_train_size():
+    bigger = generate_splits(dataclasses.replace(SMALL, train_size=900))
+    assert bigger["test"] == generate_splits(SMALL)["test"]
+
+
+def test_steps_recompute_and_answer_is_last_result():
+    splits = generate_splits(SMALL)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 600, "val": 100, "test": 100}
+    step_re = re.compile(r"(\d+)([-+*])(\d+)=(\d+)")
+    for rec in (r for recs in splits.values() for r in recs):
+        assert len(rec.steps) == 4
+        prev = int(rec.question[2 : rec.question.index(";")])
+        for step in rec.steps:
+            a, op, b, c = step_re.fullmatch(step).groups()
+            assert int(a) == prev and int(c) == apply_op(int(a), op, int(b), 10)
+            prev = int(c)
+        assert rec.answer == rec.steps[-1].split("=")[1] == str(prev)
+        assert solve_question(rec.question, 10) == dataclasses.replace(rec, id="")
+
+
+def test_splits_are_disjoint():
+    splits = generate_splits(SMALL)
+    qs = [set(r.question for r in recs) for recs in splits.values()]
+    assert sum(len(q) for q in qs) == len(set().union(*qs)) == 800
+
+
+def test_variable_steps_and_modulus():
+    task = SyntheticTask(min_steps=2, max_steps=6, modulus=97, operand_max=50, train_size=300, val_size=0, test_size=0)
+    recs = generate_splits(task)["train"]
+    assert {len(r.steps) for r in recs} == {2, 3, 4, 5, 6}
+    assert all(0 <= int(r.answer) < 97 for r in recs)
+    assert all(solve_question(r.question, 97).answer == r.answer for r in recs)
+
+
+def test_config_name_and_validation():
+    assert SyntheticTask().config_name() == "s4-4_r1-9_add-sub-mul_m10_n20000-500-500_seed0"
+    assert SyntheticTask.from_options({"max_steps": "6", "operators": "+-"}) == SyntheticTask(max_steps=6, operators="+-")
+    with pytest.raises(ValueError, match="distinct"):
+        SyntheticTask(min_steps=1, max_steps=1, train_size=1000)
+    with pytest.raises(ValueError, match="operators"):
+        SyntheticTask(operators="/")
+    with pytest.raises(ValueError, match="unknown synthetic option"):
+        SyntheticTask.from_options({"steps": "3"})
