@@ -101,7 +101,7 @@ def collect(root: str) -> list[dict[str, Any]]:
     run = os.path.basename(os.path.dirname(os.path.dirname(path)))
     with open(path) as f:
       res = json.load(f)
-    per_c = res.get("per_compression", res)
+    per_c = res.get("factors") or res.get("per_compression") or res
     for c, m in per_c.items():
       if not isinstance(m, dict):
         continue

@@ -39,7 +39,7 @@ def test_collect_reads_eval_jsons(sweep, tmp_path, capsys):
     d = tmp_path / run / "eval"
     d.mkdir(parents=True)
     (d / "synthetic_test.json").write_text(json.dumps(
-        {"per_compression": {"2": {"accuracy": acc, "mean_latent_steps": 4.0}}}))
+        {"factors": {"2": {"accuracy": acc, "mean_latent_steps": 4.0}}}))
   rows = sweep.collect(str(tmp_path))
   assert [r["accuracy"] for r in rows] == [0.5, 0.75]
   sweep.print_table(rows)
