@@ -1,0 +1,121 @@
+"""CoLaR SFT train-step throughput, compile time, peak memory and MFU.
+
+    python bench/train_step.py --preset tiny --batch 32 --chain 96 --c 5
+    python bench/train_step.py --preset llama32_1b --batch 16 --dtype bfloat16 --c 2   # GPU
+
+Random weights and token ids in the shape of a real batch (question / chain /
+answer parts). Model FLOPs come from XLA's cost analysis of the compiled step
+when available, else the 6*N*tokens + attention estimate; MFU divides by the
+device peak (vendor figure on known accelerators, a matmul measured in this run
+on CPU). Prints ratios; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections as mlc  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import common  # noqa: E402
+from colar_jax import configlib, sharding as shd, train_state as ts  # noqa: E402
+from colar_jax.losses import LossConfig  # noqa: E402
+from colar_jax.model import CoLaRModel  # noqa: E402
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--preset", default="tiny")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--question", type=int, default=32)
+  p.add_argument("--chain", type=int, default=96)
+  p.add_argument("--answer", type=int, default=8)
+  p.add_argument("--c", type=int, default=5)
+  p.add_argument("--method", default="colar")
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--lora", type=int, default=0)
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--mesh", default="data=-1")
+  a = p.parse_args()
+
+  c = configlib.apply_model_preset(configlib.base_config(), a.preset)
+  c.model.dtype, c.model.lora_rank, c.model.remat = a.dtype, a.lora, a.remat
+  c.model.param_dtype = "float32"
+  mc = configlib.model_config(c)
+  mesh_cfg = mlc.ConfigDict({"mesh": {k: int(v) for k, v in
+                                      (kv.split("=") for kv in a.mesh.split(","))}})
+  mesh, rules = shd.make_mesh(mesh_cfg), shd.DEFAULT_RULES
+  model = shd.create_sharded(lambda: CoLaRModel(mc, rngs=nnx.Rngs(0)), mesh, rules)
+  graphdef, params, frozen = ts.split_model(model, a.lora > 0)
+  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model.lm)))
+  n_train = sum(x.size for x in jax.tree.leaves(params))
+  tx = ts.make_optimizer(c.optim, 1000)
+  p_shard = ts.param_shardings(nnx.State(params), mesh, rules)
+  shard = ts.state_shardings(tx, params, p_shard, mesh)
+  state = ts.init_train_state(params, tx, 0, shard)
+  del model, params
+  step, _ = ts.compile_steps(graphdef, tx, LossConfig(embed_std=0.02), shard)
+
+  rng = np.random.default_rng(0)
+  b, v = a.batch, mc.vocab_size
+  ones = lambda n: np.ones((b, n), np.int32)
+  batch = dict(question_ids=rng.integers(1, v, (b, a.question)).astype(np.int32),
+               question_mask=ones(a.question),
+               steps_ids=rng.integers(1, v, (b, a.chain)).astype(np.int32),
+               steps_mask=ones(a.chain),
+               answer_ids=rng.integers(1, v, (b, a.answer)).astype(np.int32),
+               answer_mask=ones(a.answer))
+  batch = ts.put_batch(batch, mesh, rules)
+  c_eff = a.c if a.method == "colar" else 1
+
+  t0 = time.perf_counter()
+  lowered = step.lower(state, frozen, batch, method=a.method, c=c_eff)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  flops = None
+  try:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    flops = float(ca.get("flops", 0.0)) or None
+  except Exception:  # cost analysis is best effort per backend
+    pass
+  state, m = compiled(state, frozen, batch)
+  jax.block_until_ready(m["loss"])
+  t = time.perf_counter()
+  for _ in range(a.steps):
+    state, m = compiled(state, frozen, batch)
+  jax.block_until_ready(m["loss"])
+  dt = (time.perf_counter() - t) / a.steps
+
+  seq = a.question + -(-(a.chain) // c_eff) + 1 + a.answer  # positions actually processed
+  tokens = b * seq
+  est = 6 * n_params * tokens + 12 * mc.num_layers * b * seq * seq * mc.hidden_size
+  if a.lora:
+    est = 4 * n_params * tokens  # no weight gradients for frozen bases
+  flops_used = flops or est
+  tf, bw, src = common.peaks(jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32)
+  achieved = flops_used / dt / 1e12
+  print(f"device {common.device_name()} x{jax.device_count()}  preset {a.preset}  "
+        f"params {n_params/1e6:.1f}M (trainable {n_train/1e6:.2f}M)  dtype {a.dtype}")
+  print(f"batch {b}  method {a.method} c={c_eff}  positions/row {seq}  "
+        f"(uncompressed chain {a.chain})")
+  print(f"compile {compile_s:.1f}s  step {dt*1e3:.1f} ms  {tokens/dt:,.0f} tokens/s  "
+        f"loss {float(m['loss']):.3f}")
+  print(f"model FLOPs/step {flops_used:.3e} ({'XLA cost analysis' if flops else 'estimate'})"
+        f"  achieved {achieved:.3f} TFLOP/s  peak {tf:.3f} TFLOP/s ({src})  "
+        f"MFU {achieved / tf:.1%}")
+  print(f"peak memory {common.peak_memory_gb():.2f} GB")
+
+
+if __name__ == "__main__":
+  main()
