@@ -93,6 +93,17 @@ def base_config() -> mlc.ConfigDict:
   c.colar.entropy_weight = 0.0
   c.colar.pred_embed_forward_weight = 0.0
 
+  # Table-1 baselines (colar_jax/baselines). Stage of an epoch (iCoT / Coconut):
+  # min(max_stage, start_stage + epoch // epochs_per_stage); at max_stage no step is left.
+  c.baselines = mlc.ConfigDict()
+  c.baselines.proj_hidden_size = 0  # latent projection MLP width (0 = model hidden size)
+  c.baselines.icot = mlc.ConfigDict(dict(epochs_per_stage=1, start_stage=1, max_stage=3))
+  c.baselines.coconut = mlc.ConfigDict(dict(
+      epochs_per_stage=3, start_stage=1, max_latent_stage=3, n_latents_per_step=2,
+      use_proj=False))
+  c.baselines.distill = mlc.ConfigDict(dict(
+      n_latents=6, alpha=1.0, beta=1.0, gamma=1.0, div_std=False, use_proj=True))
+
   c.optim = mlc.ConfigDict()
   c.optim.lr = 1e-4
   c.optim.weight_decay = 0.01
@@ -122,6 +133,25 @@ def base_config() -> mlc.ConfigDict:
   c.rollout.max_new_tokens = 16
   c.rollout.greedy = False
 
+  # Stage 2: GRPO over the latent head (colar_jax/train_rl.py; reference rl_config).
+  c.rl = mlc.ConfigDict()
+  c.rl.questions_per_step = 8  # global; x group_size samples are rolled out per RL step
+  c.rl.group_size = 8
+  c.rl.exp_batch_size = 32  # samples per optimizer update (mini-batch of the experience)
+  c.rl.ppo_epochs = 1
+  c.rl.clip_eps = 0.2
+  c.rl.use_latent_loss = True
+  c.rl.use_answer_loss = True
+  c.rl.average_per_token = True  # False: per-sequence sum / sum_normalizer
+  c.rl.sum_normalizer = 32.0
+  c.rl.kl_weight = 0.0  # > 0: k3 KL to the frozen init_from policy
+  c.rl.punish_latent_length = False  # reward = correct / #latents
+  c.rl.compression_factor = 5  # thinking speed shown in RL prompts (and RL validation)
+  c.rl.lr = 1e-6  # replaces optim.lr for RL
+  c.rl.n_train_samples_per_epoch = 512  # questions per RL "epoch" (logging, num_epochs)
+  c.rl.num_epochs = 0  # > 0: run num_epochs epochs instead of train.num_steps RL steps
+  c.rl.eval_at_start = True  # validate the SFT policy before the first RL step
+
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = mlc.ConfigDict()
   c.sharding.rules = mlc.config_dict.placeholder(list)  # None = sharding.DEFAULT_RULES
@@ -150,11 +180,24 @@ def model_config(c: mlc.ConfigDict):
                   latent_hidden_size=c.model.latent_hidden_size,
                   latent_deterministic=c.model.latent_deterministic)
   if c.model.hf_dir:
-    return ModelConfig.from_hf_dir(c.model.hf_dir, **numerics)
-  arch = c.model.arch.to_dict()
-  if isinstance(arch.get("rope_scaling"), list):
-    arch["rope_scaling"] = tuple(tuple(x) for x in arch["rope_scaling"])
-  return ModelConfig(**arch, **numerics)
+    cfg = ModelConfig.from_hf_dir(c.model.hf_dir, **numerics)
+  else:
+    arch = c.model.arch.to_dict()
+    if isinstance(arch.get("rope_scaling"), list):
+      arch["rope_scaling"] = tuple(tuple(x) for x in arch["rope_scaling"])
+    cfg = ModelConfig(**arch, **numerics)
+  return cfg.replace(latent_proj_size=latent_proj_size(c, cfg.hidden_size))
+
+
+def latent_proj_size(c: mlc.ConfigDict, hidden_size: int) -> int:
+  """Width of ``CoLaRModel.latent_proj``: only Coconut (``use_proj``) / Distill have one.
+
+  Derived from the method so a restored run rebuilds exactly the tree it saved.
+  """
+  b = c.get("baselines")
+  if b is None or c.method not in ("coconut", "distill") or not b[c.method].use_proj:
+    return 0
+  return int(b.proj_hidden_size) if int(b.proj_hidden_size) > 0 else int(hidden_size)
 
 
 def validate(c: mlc.ConfigDict) -> None:

@@ -67,6 +67,9 @@ class ModelConfig:
   # Latent head (CoLaR): MLP width and deterministic variant (mean only).
   latent_hidden_size: int = 0  # 0 = hidden_size
   latent_deterministic: bool = False
+  # Coconut / Distill baselines: width of the MLP that maps a last hidden state to the
+  # next input embedding (``CoLaRModel.latent_proj``); 0 = no projection module.
+  latent_proj_size: int = 0
 
   @property
   def compute_dtype(self):
@@ -516,10 +519,45 @@ class LatentHead(nnx.Module):
     return Gaussian(mean=self.mean(x), log_std=log_std, temperature=temperature)
 
 
+class LatentProjection(nnx.Module):
+  """Linear(d->h), exact GELU, Linear(h->d), LayerNorm(d): hidden state -> next input.
+
+  Used by the Coconut (optional) and Distill (CODI ``prj``) baselines, whose continuous
+  thoughts feed the last hidden state back as the next input embedding; the LayerNorm
+  keeps that embedding's scale stable across thoughts. Float32 like the latent head
+  (tiny, and it sits in a recurrent loop where bf16 rounding compounds).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h = cfg.hidden_size, cfg.latent_proj_size
+    kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+
+    def lin(i, o, axes):
+      return nnx.Linear(i, o, kernel_init=nnx.with_partitioning(
+          nnx.initializers.lecun_normal(), axes),
+          bias_init=nnx.with_partitioning(nnx.initializers.zeros, (axes[1],)), **kw)
+
+    self.fc1 = lin(d, h, (EMBED, LATENT))
+    self.fc2 = lin(h, d, (LATENT, EMBED))
+    self.norm = nnx.LayerNorm(
+        d, epsilon=1e-5,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones, (EMBED,)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, (EMBED,)), **kw)
+
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    x = hidden.astype(jnp.float32)
+    return self.norm(self.fc2(jax.nn.gelu(self.fc1(x), approximate=False)))
+
+
 class CoLaRModel(nnx.Module):
-  """The decoder plus the latent head; what every method trains and checkpoints."""
+  """The decoder plus the latent head; what every method trains and checkpoints.
+
+  ``latent_proj`` exists only when ``cfg.latent_proj_size > 0`` (Coconut / Distill
+  baselines), so the parameter tree of every other method is unchanged.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.lm = Decoder(cfg, rngs=rngs)
     self.latent_head = LatentHead(cfg, rngs=rngs)
+    self.latent_proj = LatentProjection(cfg, rngs=rngs) if cfg.latent_proj_size > 0 else None

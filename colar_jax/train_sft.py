@@ -1,0 +1,374 @@
+"""Supervised training of every method (CoT, CoLaR; baselines plug into ``LOSSES``).
+
+  python -m colar_jax.train_sft --config=configs/base.py:tiny,colar --workdir=DIR \\
+      [--config.key=value ...]
+
+A workdir that already holds a checkpoint resumes from its latest complete
+step: same batches (grain iterator state), same RNG (per-step keys from the
+stored base key), so on a fixed device set the loss curve continues exactly
+as if the run had never stopped. The workdir receives ``config.json`` (the
+resolved config), ``tokenizer/`` (char tokenizer of the tiny preset),
+``metrics.jsonl``, ``tb/`` and ``checkpoints/``.
+
+Test-only hook: the environment variable ``COLAR_DEBUG_KILL_AT_STEP=N`` makes
+the process SIGKILL itself right after optimizer step N (checkpoint saves of
+earlier steps may still be in flight, which is the point).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from typing import Any, Iterator
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from flax import nnx
+
+from colar_jax import checkpointing, configlib
+from colar_jax import sharding as shd
+from colar_jax import train_state as ts
+from colar_jax.losses import LOSSES, LossConfig
+from colar_jax.metrics import MetricWriter, Progress
+
+KILL_ENV = "COLAR_DEBUG_KILL_AT_STEP"
+_NON_BATCH_KEYS = ("speed", "compression_factor")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The run hit a NaN/inf loss, gradient or update (message: one line)."""
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Data:
+  tokenizer: Any
+  tokenizer_dir: str
+  templates: Any
+  buckets: Any
+  train: Any  # TrainPipeline
+  val_source: Any  # random-access val split (records or tfds examples)
+  factors: tuple[int, ...]
+
+
+def _synthetic_task(c: mlc.ConfigDict):
+  from colar_jax.data.synthetic import SyntheticTask
+  fields = {f.name for f in dataclasses.fields(SyntheticTask)}
+  kw: dict[str, Any] = {}
+  for k, v in c.data.synthetic.items():
+    if k == "num_steps":
+      kw["min_steps"] = kw["max_steps"] = int(v)
+    elif k in fields:
+      kw[k] = v
+  return SyntheticTask(**kw)
+
+
+def _tokenizer(c: mlc.ConfigDict, workdir: str, train_source: Any, templates: Any):
+  """HF tokenizer (``data.tokenizer`` / ``model.hf_dir``), the ``init_from`` run's,
+  or a char tokenizer trained once and kept in ``<workdir>/tokenizer``."""
+  from colar_jax.data import prompts
+  from colar_jax.data.records import Record
+  path = c.data.tokenizer or c.model.hf_dir
+  if not path and c.init_from:
+    path = checkpointing.read_meta(c.init_from)["tokenizer_dir"]
+  if path:
+    return prompts.load_tokenizer(path, pad_as_eos=bool(c.model.hf_dir)), os.path.abspath(path)
+  out = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(out, "tokenizer.json")):
+    return prompts.load_tokenizer(out), out
+  recs = (Record.from_example(train_source[i]) for i in range(len(train_source)))
+  if jax.process_index() == 0:
+    prompts.train_char_tokenizer(prompts.char_tokenizer_corpus(recs), out, templates=templates)
+  return prompts.load_tokenizer(out), out
+
+
+def setup_data(c: mlc.ConfigDict, workdir: str) -> Data:
+  from colar_jax.data import builders, pipeline, prompts
+  templates = prompts.PromptTemplates(
+      question=c.data.question_template, speed=c.data.speed_template,
+      separator=c.data.thinking_separator, answer=c.data.answer_template)
+  buckets = prompts.Buckets(question=tuple(c.data.question_buckets),
+                            steps=tuple(c.data.steps_buckets),
+                            answer=tuple(c.data.answer_buckets))
+  data_dir = c.data.data_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
+  name = c.data.dataset
+  cfg = builders.synthetic_config(_synthetic_task(c)) if name == "synthetic" else None
+  builders.prepare(name, data_dir, source=c.data.source or None, config=cfg)
+  train_src = builders.load_source(name, data_dir, c.data.train_split, config=cfg)
+  try:
+    val_src = builders.load_source(name, data_dir, c.data.val_split, config=cfg)
+  except Exception:  # datasets without a val split: validate on nothing
+    val_src = []
+  tok, tok_dir = _tokenizer(c, workdir, train_src, templates)
+  factors = tuple(configlib.compression_factors(c)) if c.method == "colar" else (1,)
+  n_proc = jax.process_count()
+  if c.data.batch_size % n_proc:
+    raise ValueError(f"config.data.batch_size {c.data.batch_size} is not divisible by "
+                     f"{n_proc} processes")
+  sampler = pipeline.SpeedSampler(factors=factors,
+                                  auto_prob=float(c.colar.auto_prob) if c.method == "colar"
+                                  else 0.0, seed=int(c.seed))
+  train = pipeline.make_train_pipeline(
+      train_src, batch_size=c.data.batch_size // n_proc,
+      encode_fn=pipeline.make_sft_encode_fn(tok, templates, buckets, fixed_shapes=n_proc > 1),
+      seed=int(c.seed), speed_sampler=sampler, shard_index=jax.process_index(),
+      shard_count=n_proc)
+  return Data(tok, tok_dir, templates, buckets, train, val_src, factors)
+
+
+# ----------------------------------------------------------------------------
+# Validation (the single hook)
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Ctx:
+  c: mlc.ConfigDict
+  mesh: Any
+  rules: Any
+  graphdef: Any
+  frozen: Any
+  data: Data
+  loss_cfg: LossConfig
+  eval_fn: Any
+  embed_std: float
+
+
+def validation_metrics(ctx: Ctx, state: ts.TrainState) -> dict[str, float]:
+  """Validation of the current params: loss always; generation accuracy (the
+  rollout, ``colar_jax.evaluate``) when ``train.monitor`` asks for it.
+
+  Deterministic: fixed speeds per batch and a fixed key, so val curves are
+  comparable across evaluations and resumes.
+  """
+  from colar_jax.data import pipeline, prompts
+  c, d = ctx.c, ctx.data
+  n = min(int(c.train.eval_examples), len(d.val_source))
+  if n == 0:
+    return {}
+  sampler = pipeline.SpeedSampler(factors=d.factors, seed=int(c.seed) + 7)
+  tot, weight = {}, 0.0
+  for i, eb in enumerate(pipeline.eval_batches(
+      d.val_source, int(c.data.eval_batch_size), shard_index=jax.process_index(),
+      shard_count=jax.process_count(), limit=n)):
+    speed = sampler(i)
+    enc = prompts.encode_sft_batch(eb.records, d.tokenizer, d.templates, speed, d.buckets,
+                                   fixed_shapes=jax.process_count() > 1)
+    for k in ("steps_mask", "answer_mask"):  # padding rows supervise nothing
+      enc[k] = enc[k] * eb.valid[:, None].astype(enc[k].dtype)
+    cf = int(enc["compression_factor"][0])
+    batch = ts.put_batch({k: v for k, v in enc.items() if k not in _NON_BATCH_KEYS},
+                         ctx.mesh, ctx.rules)
+    m = jax.device_get(ctx.eval_fn(state.params, ctx.frozen, batch, jax.random.key(i),
+                                   method=c.method, c=cf))
+    w = float(m["n_tokens"])
+    weight += w
+    for k, v in m.items():
+      if k != "n_tokens":
+        tot[k] = tot.get(k, 0.0) + float(v) * w
+  out = {f"val/{k}": v / max(weight, 1.0) for k, v in tot.items()}
+  if c.train.monitor == "val/accuracy":
+    out.update(_val_accuracy(ctx, state, n))
+  return out
+
+
+def _val_accuracy(ctx: Ctx, state: ts.TrainState, n: int) -> dict[str, float]:
+  from colar_jax import evaluate
+  from colar_jax.data.records import Record
+  c, d = ctx.c, ctx.data
+  recs = [r if isinstance(r, Record) else Record.from_example(r)
+          for r in (d.val_source[i] for i in range(n))]
+  model = ts.merge_model(ctx.graphdef, state.params, ctx.frozen)
+  factor = max(d.factors)
+  res = evaluate.evaluate(model, d.tokenizer, [r.question for r in recs],
+                          [r.answer for r in recs], c.method, [factor], 1,
+                          int(c.data.eval_batch_size), c.rollout, ctx.embed_std,
+                          templates=d.templates, buckets=d.buckets, progress=False,
+                          log=logging.info)
+  m = res["factors"][factor]
+  return {"val/accuracy": m["accuracy"], "val/num_latent": m["num_latent"]}
+
+
+# ----------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------
+def _build(c: mlc.ConfigDict, workdir: str):
+  mesh, rules = shd.make_mesh(c), shd.logical_rules(c)
+  shd.check_process_layout(mesh)
+  data = setup_data(c, workdir)
+  if not c.model.hf_dir:
+    c.model.arch.vocab_size = len(data.tokenizer)  # the tiny preset's vocab
+  n_batch = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  for name in ("batch_size", "eval_batch_size"):
+    if c.data[name] % n_batch:
+      raise ValueError(f"config.data.{name}={c.data[name]} must be divisible by the mesh "
+                       f"batch axes (data x fsdp = {n_batch})")
+  model, base = checkpointing.build_model(c, mesh, rules)
+  lora = configlib.model_config(c).lora_rank > 0
+  graphdef, p_state, frozen = nnx.split(model, ts.trainable_filter(lora), ...)
+  p_shard = ts.param_shardings(p_state, mesh, rules)
+  params = nnx.to_pure_dict(p_state)
+  return mesh, rules, data, model, base, graphdef, params, frozen, p_shard
+
+
+def _embed_std(c: mlc.ConfigDict, model: Any) -> float:
+  if float(c.model.embed_std) >= 0:
+    return float(c.model.embed_std)
+  if c.model.hf_dir and not c.init_from:
+    from colar_jax import convert
+    std = convert.read_embed_std(c.model.hf_dir)
+    if std is not None:
+      return std
+  return ts.embed_std_of(model)
+
+
+def _host_batch(it: Iterator[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], int, float]:
+  batch = dict(next(it))
+  cf = int(batch["compression_factor"][0])
+  for k in _NON_BATCH_KEYS:
+    batch.pop(k, None)
+  tokens = float(sum(batch[k].sum() for k in batch if k.endswith("_mask")))
+  return batch, cf, tokens
+
+
+def train(c: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) training; returns the last logged train record."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if c.method not in LOSSES:
+    raise ValueError(f"config.method: {c.method!r} has no SFT loss (registered: "
+                     f"{', '.join(sorted(LOSSES))})")
+  mesh, rules, data, model, base, graphdef, params, frozen, p_shard = _build(c, workdir)
+  num_steps, accum = int(c.train.num_steps), max(1, int(c.optim.grad_accum))
+  tx = ts.make_optimizer(c.optim, num_steps)
+  shardings = ts.state_shardings(tx, params, p_shard, mesh)
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, checkpointing.CKPT_SUBDIR), keep_last=c.train.keep_last,
+      keep_best=c.train.keep_best, monitor=c.train.monitor)
+  writer = MetricWriter(workdir)
+  latest = ckpt.latest_step()
+  data_state = None
+  if latest is None:
+    embed_std = _embed_std(c, model)
+    state = ts.init_train_state(params, tx, int(c.seed), shardings)
+    writer.truncate_after(0)
+  else:
+    state, data_state, meta = ckpt.restore(
+        latest, ts.abstract_train_state(params, tx, shardings))
+    embed_std = float(meta["embed_std"])
+    writer.truncate_after(latest)
+    logging.info("resumed from %s/%d", ckpt.directory, latest)
+  del model, params
+  checkpointing.save_run_config(c, workdir)
+  loss_cfg = LossConfig.from_config(c, embed_std)
+  train_fn, eval_fn = ts.compile_steps(graphdef, tx, loss_cfg, shardings)
+  ctx = Ctx(c, mesh, rules, graphdef, frozen, data, loss_cfg, eval_fn, embed_std)
+  meta = dict(embed_std=embed_std, base=base, tokenizer_dir=data.tokenizer_dir,
+              method=c.method, trainable="lora+latent_head"
+              if configlib.model_config(c).lora_rank > 0 else "all",
+              config=checkpointing.config_to_dict(c))
+  schedule = ts.lr_schedule(c.optim, num_steps)
+  kill_at = int(os.environ.get(KILL_ENV, "-1"))
+  it = data.train.iterator(data_state or None)
+  step = int(jax.device_get(state.step)) // accum
+  progress = Progress(num_steps, step, bool(c.train.progress))
+  pending: list[tuple[int, list[Any], dict[str, float]]] = []
+  last: dict[str, Any] = {}
+  last_saved = latest
+  tok_since = 0.0
+
+  def flush() -> None:
+    """Fetches pending device metrics (one sync), writes them, stops on NaN."""
+    nonlocal last
+    fetched = jax.device_get([m for _, m, _ in pending])
+    records = []
+    for (s, _, extra), micro in zip(pending, fetched):
+      rec = {k: float(np.mean([float(m[k]) for m in micro])) for k in micro[0] if k != "finite"}
+      rec.update(extra, kind="train", step=s)
+      records.append(rec)
+      if not all(bool(m["finite"]) for m in micro):
+        writer.write_lines(records)
+        raise NonFiniteLossError(
+            f"non-finite loss/update at step {s} (loss={rec['loss']}, grad_norm="
+            f"{rec['grad_norm']}); stopped, the last checkpoint (step {last_saved}) is intact")
+    writer.write_lines(records)
+    pending.clear()
+    if records:
+      last = records[-1]
+
+  try:
+    while step < num_steps:
+      micro, tokens, cfs = [], 0.0, []
+      for _ in range(accum):
+        host, cf, n_tok = _host_batch(it)
+        state, m = train_fn(state, frozen, ts.put_batch(host, mesh, rules),
+                            method=c.method, c=cf)
+        micro.append(m)
+        tokens, cfs = tokens + n_tok, cfs + [cf]
+      step += 1
+      tok_since += tokens
+      pending.append((step, micro, dict(c=float(np.mean(cfs)), lr=float(schedule(step - 1)),
+                                        tokens=tokens)))
+      if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+      do_eval = c.train.eval_every > 0 and (step % c.train.eval_every == 0 or step == num_steps)
+      do_save = step % c.train.ckpt_every == 0 or step == num_steps
+      if step % c.train.log_every == 0 or do_eval or do_save or step == num_steps:
+        flush()
+        rate = progress.update(step, last, tok_since)
+        tok_since = 0.0
+        writer.scalars(step, {f"train/{k}": v for k, v in last.items()
+                              if k not in ("kind", "step")} | {f"perf/{k}": v
+                                                                for k, v in rate.items()})
+      val = None
+      if do_eval:
+        val = validation_metrics(ctx, state)
+        writer.write_lines([dict(val, kind="val", step=step)])
+        writer.scalars(step, val)
+        logging.info("step %d: %s", step, val)
+      if do_save:
+        ckpt.save(step, state, data_state=it.get_state(), meta=dict(meta, step=step),
+                  metrics=val)
+        last_saved = step
+  finally:
+    progress.close()
+    ckpt.close()
+    writer.close()
+  return last
+
+
+def _quiet_orbax() -> None:
+  """Orbax logs every file op at INFO through absl; keep its warnings only."""
+  class _Filter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+      return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+  logging.getLogger("absl").addFilter(_Filter())
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  _quiet_orbax()
+  from absl import flags
+  from colar_jax import cli
+  c = cli.resolved_config()
+  workdir = flags.FLAGS.workdir
+  if not workdir:
+    sys.exit("error: --workdir is required")
+  cli.setup_jax(c)
+  shd.maybe_initialize_distributed(c)
+  try:
+    last = train(c, workdir)
+  except NonFiniteLossError as e:
+    sys.exit(f"error: {e}")
+  logging.info("done: %s", last)
+
+
+if __name__ == "__main__":
+  from absl import app
+  from colar_jax import cli
+  cli.define_flags()
+  app.run(main)
