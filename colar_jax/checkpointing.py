@@ -39,7 +39,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from colar_jax import configlib
 from colar_jax import sharding as shd
-from colar_jax.model import CoLaRModel, LatentHead
+from colar_jax.model import CoLaRModel, LatentHead, LatentProjection
 from colar_jax.train_state import TrainState, trainable_filter
 
 ITEMS = ("params", "train", "data", "meta")
@@ -176,6 +176,9 @@ def _from_hf_dir(c: mlc.ConfigDict, mesh: Mesh, rules: Any) -> CoLaRModel:
   model.lm = decoder
   model.latent_head = shd.create_sharded(lambda: LatentHead(mc, rngs=nnx.Rngs(int(c.seed))),
                                          mesh, rules)
+  if mc.latent_proj_size > 0:  # Coconut (use_proj) / Distill projection, fresh
+    model.latent_proj = shd.create_sharded(
+        lambda: LatentProjection(mc, rngs=nnx.Rngs(int(c.seed))), mesh, rules)
   return model
 
 
@@ -190,6 +193,12 @@ def _transplant(model: CoLaRModel, params: dict[str, Any], what: str) -> None:
     alias = tuple(x for i, x in enumerate(p) if not (x == "base" and i == len(p) - 2))
     k = p if p in src else alias if alias in src else None
     if k is None:
+      # Only modules a new run adds may start fresh: the latent head / projection and
+      # LoRA adapters. Anything else missing is a mismatched checkpoint (the
+      # reference's strict=False silently kept random weights here).
+      if not (p[0] in ("latent_head", "latent_proj") or p[-1] in ("lora_a", "lora_b")):
+        raise ValueError(f"{what}: checkpoint has no parameter {'/'.join(map(str, p))} "
+                         "that the model needs")
       continue
     if tuple(src[k].shape) != tuple(dst[p].shape):
       raise ValueError(f"{what}: {'/'.join(k)} has shape {tuple(src[k].shape)}, the model "

@@ -207,6 +207,15 @@ def validate(c: mlc.ConfigDict) -> None:
     raise ValueError("config.colar.embed_modeling_loss: must be 'mse' or 'nll', got "
                      f"{c.colar.embed_modeling_loss!r}")
   compression_factors(c)  # raises on a malformed value
+  b = c.baselines
+  for name, top in (("icot", b.icot.max_stage), ("coconut", b.coconut.max_latent_stage)):
+    k = b[name]
+    if int(k.epochs_per_stage) < 1 or not 0 <= int(k.start_stage) <= int(top):
+      raise ValueError(f"config.baselines.{name}: need epochs_per_stage >= 1 and "
+                       f"0 <= start_stage <= max stage, got {k.to_dict()}")
+  if int(b.coconut.n_latents_per_step) < 1 or int(b.distill.n_latents) < 1:
+    raise ValueError("config.baselines: coconut.n_latents_per_step and distill.n_latents "
+                     "must be >= 1")
 
 
 def compression_factors(c: mlc.ConfigDict) -> list[int]:

@@ -92,7 +92,16 @@ def ci95(values: Sequence[float]) -> float:
   return float(1.96 * v.std(ddof=1) / math.sqrt(v.size))
 
 
-def method_rollout_config(base: RolloutConfig, method: str) -> RolloutConfig:
+def method_rollout_config(base: RolloutConfig, method: str, *, run_config: Any = None,
+                          model_cfg: Any = None) -> RolloutConfig:
+  """The rollout that decodes ``method``. Baselines defer to their own package
+  (number of thoughts from the run's ``baselines`` config, ``latent_proj`` when the
+  model has one) so training and evaluation can never disagree."""
+  from colar_jax import baselines
+  if method in baselines.BASELINE_METHODS:
+    bcfg = (baselines.BaselineConfig.from_config(run_config) if run_config is not None
+            else baselines.BaselineConfig())
+    return baselines.eval_rollout_config(base, method, bcfg, model_cfg)
   spec = METHOD_SPECS[method]
   kw: dict[str, Any] = dict(latent_mode=spec.latent_mode)
   if spec.fixed_latents is not None:
@@ -102,7 +111,8 @@ def method_rollout_config(base: RolloutConfig, method: str) -> RolloutConfig:
 
 def make_generate_fn(model: Any, tokenizer: Any, method: str, rollout_cfg: RolloutConfig, *,
                      batch_size: int, templates: prompts.PromptTemplates | None = None,
-                     buckets: prompts.Buckets | None = None) -> GenerateFn:
+                     buckets: prompts.Buckets | None = None,
+                     run_config: Any = None) -> GenerateFn:
   """A GenerateFn decoding with the jitted rollout.
 
   The model is split ONCE here. Batches are padded to exactly ``batch_size`` rows (so
@@ -118,7 +128,8 @@ def make_generate_fn(model: Any, tokenizer: Any, method: str, rollout_cfg: Rollo
   spec = METHOD_SPECS[method]
   templates = templates or prompts.PromptTemplates()
   buckets = buckets or prompts.Buckets()
-  cfg = method_rollout_config(rollout_cfg, method)
+  cfg = method_rollout_config(rollout_cfg, method, run_config=run_config,
+                              model_cfg=getattr(model, "cfg", None))
   graphdef, state = nnx.split(model)
 
   def generate(questions: Sequence[str], indices: Sequence[int], factor: int,
@@ -194,15 +205,17 @@ def evaluate(model: Any, tokenizer: Any, questions: Sequence[str], answers: Sequ
              out_dir: str | None = None, generate_fn: GenerateFn | None = None,
              templates: prompts.PromptTemplates | None = None,
              buckets: prompts.Buckets | None = None, answer_kind: str = "number",
-             progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+             progress: bool = True, log: Callable[[str], None] = print,
+             run_config: Any = None, name: str | None = None) -> dict[str, Any]:
   """Accuracy / #L / answer length per compression factor, mean and CI over seeds.
 
   ``rollout_cfg``: a :class:`RolloutConfig`, or the ``c.rollout`` ConfigDict (then the
   separator / EOS / pad ids come from ``tokenizer`` and ``embed_std`` is used).
   ``generate_fn`` replaces the model-based generator (tests stub it). Methods whose
   prompt ignores c (all but CoLaR) are evaluated once, under the first factor.
-  With ``out_dir``: ``eval_<method>.jsonl`` (one record per question, factor and seed),
-  ``eval_<method>.json`` (the returned summary) and ``eval_<method>.png``.
+  With ``out_dir``: ``<name>.jsonl`` (one record per question, factor and seed),
+  ``<name>.json`` (the returned summary) and ``<name>.png``; ``name`` defaults to
+  ``eval_<method>`` (the CLI uses ``<dataset>_<split>`` under ``<workdir>/eval``).
   """
   if len(questions) != len(answers):
     raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
@@ -218,7 +231,7 @@ def evaluate(model: Any, tokenizer: Any, questions: Sequence[str], answers: Sequ
       rollout_cfg = RolloutConfig.from_config(
           rollout_cfg, separator_id=prompts.separator_id(tokenizer, templates),
           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, embed_std=embed_std)
-    generate_fn = make_generate_fn(model, tokenizer, method, rollout_cfg,
+    generate_fn = make_generate_fn(model, tokenizer, method, rollout_cfg, run_config=run_config,
                                    batch_size=batch_size, templates=templates, buckets=buckets)
   n = len(questions)
   starts = list(range(0, n, batch_size))
@@ -252,7 +265,7 @@ def evaluate(model: Any, tokenizer: Any, questions: Sequence[str], answers: Sequ
                                 factors=summary)
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"eval_{method}")
+    stem = os.path.join(out_dir, name or f"eval_{method}")
     with open(stem + ".jsonl", "w") as f:
       for r in records:
         f.write(json.dumps(r) + "\n")
@@ -352,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   return evaluate(
       run.model, run.tokenizer, questions, golds, args.method or run.method,
       args.compression, args.seeds, args.batch_size or c.data.eval_batch_size, rc,
-      run.embed_std, out_dir=args.out_dir or os.path.join(args.workdir, f"eval_{args.split}"),
+      run.embed_std, out_dir=args.out_dir or os.path.join(args.workdir, "eval"),
+      name=f"{args.dataset}_{args.split}", run_config=c,
       templates=templates, buckets=prompts.Buckets(question=tuple(c.data.question_buckets)),
       answer_kind=args.answer_kind or ("math" if args.dataset == "math" else "number"),
       progress=not args.no_progress)

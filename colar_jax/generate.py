@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] | None = None) 
       eos_id=run.tokenizer.eos_token_id, pad_id=run.tokenizer.pad_token_id,
       embed_std=run.embed_std, **({"greedy": True} if args.greedy else {}))
   gen = make_generate_fn(run.model, run.tokenizer, args.method or run.method, rc,
-                         batch_size=1, templates=templates,
+                         batch_size=1, templates=templates, run_config=c,
                          buckets=prompts.Buckets(question=tuple(c.data.question_buckets)))
   for i, q in enumerate(_questions(args, stdin if stdin is not None else sys.stdin)):
     (g,) = gen([q], [i], args.speed, args.seed)

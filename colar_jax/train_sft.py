@@ -33,10 +33,11 @@ from colar_jax import checkpointing, configlib
 from colar_jax import sharding as shd
 from colar_jax import train_state as ts
 from colar_jax.losses import LOSSES, LossConfig
+import colar_jax.baselines  # noqa: F401,E402  (registers nocot/icot/coconut/distill losses)
 from colar_jax.metrics import MetricWriter, Progress
 
 KILL_ENV = "COLAR_DEBUG_KILL_AT_STEP"
-_NON_BATCH_KEYS = ("speed", "compression_factor")
+_NON_BATCH_KEYS = ("speed", "compression_factor", "stage")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -55,6 +56,7 @@ class Data:
   train: Any  # TrainPipeline
   val_source: Any  # random-access val split (records or tfds examples)
   factors: tuple[int, ...]
+  baseline: Any = None  # baselines.BaselineConfig for nocot/icot/coconut/distill
 
 
 def _synthetic_task(c: mlc.ConfigDict):
@@ -108,6 +110,14 @@ def setup_data(c: mlc.ConfigDict, workdir: str) -> Data:
   tok, tok_dir = _tokenizer(c, workdir, train_src, templates)
   factors = tuple(configlib.compression_factors(c)) if c.method == "colar" else (1,)
   n_proc = jax.process_count()
+  bcfg = None
+  encode_fn = pipeline.make_sft_encode_fn(tok, templates, buckets, fixed_shapes=n_proc > 1)
+  if c.method in _baseline_methods():
+    # Baselines plug in WHAT is encoded per epoch (curricula); the step is shared.
+    from colar_jax import baselines
+    bcfg = baselines.setup(c)
+    encode_fn = baselines.make_encode_fn(c.method, tok, templates, buckets, bcfg,
+                                         fixed_shapes=n_proc > 1)
   if c.data.batch_size % n_proc:
     raise ValueError(f"config.data.batch_size {c.data.batch_size} is not divisible by "
                      f"{n_proc} processes")
@@ -116,10 +126,14 @@ def setup_data(c: mlc.ConfigDict, workdir: str) -> Data:
                                   else 0.0, seed=int(c.seed))
   train = pipeline.make_train_pipeline(
       train_src, batch_size=c.data.batch_size // n_proc,
-      encode_fn=pipeline.make_sft_encode_fn(tok, templates, buckets, fixed_shapes=n_proc > 1),
-      seed=int(c.seed), speed_sampler=sampler, shard_index=jax.process_index(),
-      shard_count=n_proc)
-  return Data(tok, tok_dir, templates, buckets, train, val_src, factors)
+      encode_fn=encode_fn, seed=int(c.seed), speed_sampler=sampler,
+      shard_index=jax.process_index(), shard_count=n_proc)
+  return Data(tok, tok_dir, templates, buckets, train, val_src, factors, bcfg)
+
+
+def _baseline_methods() -> tuple[str, ...]:
+  from colar_jax.baselines.schedule import BASELINE_METHODS
+  return tuple(BASELINE_METHODS)
 
 
 # ----------------------------------------------------------------------------
@@ -151,13 +165,21 @@ def validation_metrics(ctx: Ctx, state: ts.TrainState) -> dict[str, float]:
   if n == 0:
     return {}
   sampler = pipeline.SpeedSampler(factors=d.factors, seed=int(c.seed) + 7)
+  epoch = d.train.epoch_of(int(jax.device_get(state.step)))
   tot, weight = {}, 0.0
   for i, eb in enumerate(pipeline.eval_batches(
       d.val_source, int(c.data.eval_batch_size), shard_index=jax.process_index(),
       shard_count=jax.process_count(), limit=n)):
     speed = sampler(i)
-    enc = prompts.encode_sft_batch(eb.records, d.tokenizer, d.templates, speed, d.buckets,
-                                   fixed_shapes=jax.process_count() > 1)
+    if d.baseline is not None:  # the curriculum stage the model is at
+      from colar_jax import baselines
+      enc = baselines.encode_baseline_batch(
+          eb.records, d.tokenizer, d.templates, d.buckets, method=c.method,
+          stage=d.baseline.stage(c.method, epoch), config=d.baseline,
+          fixed_shapes=jax.process_count() > 1)
+    else:
+      enc = prompts.encode_sft_batch(eb.records, d.tokenizer, d.templates, speed, d.buckets,
+                                     fixed_shapes=jax.process_count() > 1)
     for k in ("steps_mask", "answer_mask"):  # padding rows supervise nothing
       enc[k] = enc[k] * eb.valid[:, None].astype(enc[k].dtype)
     cf = int(enc["compression_factor"][0])
@@ -188,7 +210,7 @@ def _val_accuracy(ctx: Ctx, state: ts.TrainState, n: int) -> dict[str, float]:
                           [r.answer for r in recs], c.method, [factor], 1,
                           int(c.data.eval_batch_size), c.rollout, ctx.embed_std,
                           templates=d.templates, buckets=d.buckets, progress=False,
-                          log=logging.info)
+                          log=logging.info, run_config=c)
   m = res["factors"][factor]
   return {"val/accuracy": m["accuracy"], "val/num_latent": m["num_latent"]}
 
@@ -216,9 +238,14 @@ def _build(c: mlc.ConfigDict, workdir: str):
 
 
 def _embed_std(c: mlc.ConfigDict, model: Any) -> float:
+  """The latent scale of a run: config override > the ``init_from`` run's value (so
+  CoT -> CoLaR -> RL share one constant, like the reference's per-model table) >
+  the converted dir's ``embed_std.json`` > measured from the embedding matrix."""
   if float(c.model.embed_std) >= 0:
     return float(c.model.embed_std)
-  if c.model.hf_dir and not c.init_from:
+  if c.init_from:
+    return float(checkpointing.read_meta(c.init_from)["embed_std"])
+  if c.model.hf_dir:
     from colar_jax import convert
     std = convert.read_embed_std(c.model.hf_dir)
     if std is not None:
