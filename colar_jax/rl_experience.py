@@ -261,7 +261,7 @@ def rl_update_step(graphdef: nnx.GraphDef, state: ts.TrainState, frozen: nnx.Sta
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ts._all_finite(params)
+  ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ts.all_finite(params)
         & (state.nonfinite_step < 0))
   keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
   bad = jnp.where((state.nonfinite_step < 0) & ~ok, state.step, state.nonfinite_step)

@@ -84,16 +84,6 @@ class RLPromptEncoder:
     return enc
 
 
-def _train_source(c: mlc.ConfigDict, workdir: str) -> Any:
-  """The prepared train split (``train_sft.setup_data`` has prepared it)."""
-  from colar_jax.data import builders
-  data_dir = c.data.data_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
-  name = c.data.dataset
-  cfg = (builders.synthetic_config(train_sft._synthetic_task(c)) if name == "synthetic"
-         else None)
-  return builders.load_source(name, data_dir, c.data.train_split, config=cfg)
-
-
 def make_rl_pipeline(c: mlc.ConfigDict, data: train_sft.Data, train_source: Any) -> Any:
   """Shuffled question batches of ``rl.questions_per_step`` (per host: / processes)."""
   from colar_jax.data import pipeline
@@ -127,9 +117,7 @@ def rl_optimizer(c: mlc.ConfigDict, num_updates: int):
 
 def init_embed_std(c: mlc.ConfigDict, model: Any) -> float:
   """The SFT run's ``embed_std`` (the latent head's scale must not change), else SFT's rule."""
-  if float(c.model.embed_std) < 0 and c.init_from:
-    return float(checkpointing.read_meta(c.init_from)["embed_std"])
-  return train_sft._embed_std(c, model)
+  return train_sft.resolve_embed_std(c, model)
 
 
 def local_rows(x: jax.Array, mesh: Any, rules: Any) -> np.ndarray:
@@ -245,7 +233,7 @@ def train(c: mlc.ConfigDict, workdir: str, *, score_fn: ScoreFn | None = None
   if not c.init_from:
     logging.warning("train_rl: no config.init_from; RL from an un-fine-tuned model has "
                     "(almost) no reward to learn from")
-  mesh, rules, data, model, base, graphdef, params, frozen, p_shard = train_sft._build(c, workdir)
+  mesh, rules, data, model, base, graphdef, params, frozen, p_shard = train_sft.build_run(c, workdir)
   rl = rlx.RLConfig.from_config(c.rl)
   n_samples = _check(c, rl, mesh)
   num_steps = rl_num_steps(c)
@@ -281,7 +269,7 @@ def train(c: mlc.ConfigDict, workdir: str, *, score_fn: ScoreFn | None = None
               method=c.method, stage="rl", trainable="lora+latent_head"
               if configlib.model_config(c).lora_rank > 0 else "all",
               config=checkpointing.config_to_dict(c))
-  it = make_rl_pipeline(c, data, _train_source(c, workdir)).iterator(data_state or None)
+  it = make_rl_pipeline(c, data, data.train_source).iterator(data_state or None)
   step = int(latest or 0)
   progress = Progress(num_steps, step, bool(c.train.progress))
   n_q, g = int(c.rl.questions_per_step), rl.group_size

@@ -57,9 +57,10 @@ class Data:
   val_source: Any  # random-access val split (records or tfds examples)
   factors: tuple[int, ...]
   baseline: Any = None  # baselines.BaselineConfig for nocot/icot/coconut/distill
+  train_source: Any = None  # random-access train split (RL reads questions from it)
 
 
-def _synthetic_task(c: mlc.ConfigDict):
+def synthetic_task(c: mlc.ConfigDict):
   from colar_jax.data.synthetic import SyntheticTask
   fields = {f.name for f in dataclasses.fields(SyntheticTask)}
   kw: dict[str, Any] = {}
@@ -100,7 +101,7 @@ def setup_data(c: mlc.ConfigDict, workdir: str) -> Data:
                             answer=tuple(c.data.answer_buckets))
   data_dir = c.data.data_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
   name = c.data.dataset
-  cfg = builders.synthetic_config(_synthetic_task(c)) if name == "synthetic" else None
+  cfg = builders.synthetic_config(synthetic_task(c)) if name == "synthetic" else None
   builders.prepare(name, data_dir, source=c.data.source or None, config=cfg)
   train_src = builders.load_source(name, data_dir, c.data.train_split, config=cfg)
   try:
@@ -128,7 +129,7 @@ def setup_data(c: mlc.ConfigDict, workdir: str) -> Data:
       train_src, batch_size=c.data.batch_size // n_proc,
       encode_fn=encode_fn, seed=int(c.seed), speed_sampler=sampler,
       shard_index=jax.process_index(), shard_count=n_proc)
-  return Data(tok, tok_dir, templates, buckets, train, val_src, factors, bcfg)
+  return Data(tok, tok_dir, templates, buckets, train, val_src, factors, bcfg, train_src)
 
 
 def _baseline_methods() -> tuple[str, ...]:
@@ -218,7 +219,7 @@ def _val_accuracy(ctx: Ctx, state: ts.TrainState, n: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------
-def _build(c: mlc.ConfigDict, workdir: str):
+def build_run(c: mlc.ConfigDict, workdir: str):
   mesh, rules = shd.make_mesh(c), shd.logical_rules(c)
   shd.check_process_layout(mesh)
   data = setup_data(c, workdir)
@@ -237,7 +238,7 @@ def _build(c: mlc.ConfigDict, workdir: str):
   return mesh, rules, data, model, base, graphdef, params, frozen, p_shard
 
 
-def _embed_std(c: mlc.ConfigDict, model: Any) -> float:
+def resolve_embed_std(c: mlc.ConfigDict, model: Any) -> float:
   """The latent scale of a run: config override > the ``init_from`` run's value (so
   CoT -> CoLaR -> RL share one constant, like the reference's per-model table) >
   the converted dir's ``embed_std.json`` > measured from the embedding matrix."""
@@ -269,7 +270,7 @@ def train(c: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   if c.method not in LOSSES:
     raise ValueError(f"config.method: {c.method!r} has no SFT loss (registered: "
                      f"{', '.join(sorted(LOSSES))})")
-  mesh, rules, data, model, base, graphdef, params, frozen, p_shard = _build(c, workdir)
+  mesh, rules, data, model, base, graphdef, params, frozen, p_shard = build_run(c, workdir)
   num_steps, accum = int(c.train.num_steps), max(1, int(c.optim.grad_accum))
   tx = ts.make_optimizer(c.optim, num_steps)
   shardings = ts.state_shardings(tx, params, p_shard, mesh)
@@ -280,7 +281,7 @@ def train(c: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   latest = ckpt.latest_step()
   data_state = None
   if latest is None:
-    embed_std = _embed_std(c, model)
+    embed_std = resolve_embed_std(c, model)
     state = ts.init_train_state(params, tx, int(c.seed), shardings)
     writer.truncate_after(0)
   else:

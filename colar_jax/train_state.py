@@ -145,7 +145,7 @@ def abstract_train_state(params: Params, tx: optax.GradientTransformation,
 # ----------------------------------------------------------------------------
 # The step
 # ----------------------------------------------------------------------------
-def _all_finite(tree: Any) -> jax.Array:
+def all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
@@ -173,7 +173,7 @@ def train_step(graphdef: nnx.GraphDef, state: TrainState, frozen: nnx.State, bat
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+  ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
         & (state.nonfinite_step < 0))
   keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
   bad = jnp.where((state.nonfinite_step < 0) & ~ok, state.step, state.nonfinite_step)

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 
 
 def _free_port() -> int:

@@ -6,7 +6,6 @@ as JSON so the test can compare them.
 """
 
 import json
-import os
 import sys
 
 import jax
