@@ -330,7 +330,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--batch_size", type=int, default=None, help="default: data.eval_batch_size")
   p.add_argument("--max_examples", type=int, default=0, help="0 = the whole split")
   p.add_argument("--method", default=None, help="default: the run's method")
-  p.add_argument("--out_dir", default=None, help="default: WORKDIR/eval_<split>")
+  p.add_argument("--out_dir", default=None, help="default: WORKDIR/eval (files <dataset>_<split>.*)")
   p.add_argument("--answer_kind", default=None, choices=("number", "math"),
                  help="default: math for the 'math' dataset, else number")
   p.add_argument("--greedy", action="store_true", help="greedy answer decoding")
