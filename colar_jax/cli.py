@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from typing import Any, Callable
 
 import jax
 from absl import flags
@@ -31,3 +34,39 @@ def resolved_config():
   cfg = flags.FLAGS.config
   configlib.validate(cfg)
   return cfg
+
+
+def _quiet_orbax() -> None:
+  """Orbax logs every file op at INFO through absl; keep its warnings only."""
+  class _Filter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+      return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+  logging.getLogger("absl").addFilter(_Filter())
+
+
+def run_training(train_fn: Callable[[Any, str], dict[str, Any]]) -> None:
+  """The absl entry point of ``train_sft`` / ``train_rl``: flags, JAX set-up,
+  multi-host start, then ``train_fn(config, workdir)``. A NaN/inf stop exits with
+  its one-line message (the last checkpoint is intact)."""
+  from absl import app
+
+  from colar_jax import sharding
+
+  define_flags()
+
+  def main(argv: list[str]) -> None:
+    del argv
+    _quiet_orbax()
+    c = resolved_config()
+    workdir = flags.FLAGS.workdir
+    if not workdir:
+      sys.exit("error: --workdir is required")
+    setup_jax(c)
+    sharding.maybe_initialize_distributed(c)
+    try:
+      last = train_fn(c, workdir)
+    except FloatingPointError as e:  # train_sft.NonFiniteLossError
+      sys.exit(f"error: {e}")
+    logging.info("done: %s", last)
+
+  app.run(main)

@@ -277,7 +277,7 @@ def evaluate(model: Any, tokenizer: Any, questions: Sequence[str], answers: Sequ
 
 
 # ----------------------------------------------------------------------------
-# Loading a trained run (wired by the lead once checkpointing lands)
+# Loading a trained run (checkpointing.load_run)
 # ----------------------------------------------------------------------------
 @dataclasses.dataclass
 class Run:
@@ -291,6 +291,17 @@ class Run:
   @property
   def method(self) -> str:
     return str(self.config.method)
+
+  @property
+  def templates(self) -> prompts.PromptTemplates:
+    return prompts.PromptTemplates.from_run_config(self.config)
+
+  def rollout_config(self, *, greedy: bool = False) -> RolloutConfig:
+    """The run's ``rollout.*`` settings plus its tokenizer's separator / EOS / pad."""
+    return RolloutConfig.from_config(
+        self.config.rollout, separator_id=prompts.separator_id(self.tokenizer, self.templates),
+        eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+        embed_std=self.embed_std, **({"greedy": True} if greedy else {}))
 
 
 def load_run(workdir: str) -> Run:
@@ -355,13 +366,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                     source=args.source)
   if args.max_examples:
     questions, golds = questions[:args.max_examples], golds[:args.max_examples]
-  templates = prompts.PromptTemplates(
-      question=c.data.question_template, speed=c.data.speed_template,
-      separator=c.data.thinking_separator, answer=c.data.answer_template)
-  rc = RolloutConfig.from_config(
-      c.rollout, separator_id=prompts.separator_id(run.tokenizer, templates),
-      eos_id=run.tokenizer.eos_token_id, pad_id=run.tokenizer.pad_token_id,
-      embed_std=run.embed_std, **({"greedy": True} if args.greedy else {}))
+  templates, rc = run.templates, run.rollout_config(greedy=args.greedy)
   return evaluate(
       run.model, run.tokenizer, questions, golds, args.method or run.method,
       args.compression, args.seeds, args.batch_size or c.data.eval_batch_size, rc,

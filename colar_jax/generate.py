@@ -16,7 +16,6 @@ from typing import Any
 from colar_jax.data import answers as answer_lib
 from colar_jax.data import prompts
 from colar_jax.evaluate import Generation, load_run, make_generate_fn
-from colar_jax.rollout import RolloutConfig
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -56,13 +55,7 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] | None = None) 
   args = parse_args(argv)
   run: Any = load_run(args.workdir)
   c = run.config
-  templates = prompts.PromptTemplates(
-      question=c.data.question_template, speed=c.data.speed_template,
-      separator=c.data.thinking_separator, answer=c.data.answer_template)
-  rc = RolloutConfig.from_config(
-      c.rollout, separator_id=prompts.separator_id(run.tokenizer, templates),
-      eos_id=run.tokenizer.eos_token_id, pad_id=run.tokenizer.pad_token_id,
-      embed_std=run.embed_std, **({"greedy": True} if args.greedy else {}))
+  templates, rc = run.templates, run.rollout_config(greedy=args.greedy)
   gen = make_generate_fn(run.model, run.tokenizer, args.method or run.method, rc,
                          batch_size=1, templates=templates, run_config=c,
                          buckets=prompts.Buckets(question=tuple(c.data.question_buckets)))

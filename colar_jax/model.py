@@ -16,6 +16,7 @@ axes).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -488,25 +489,31 @@ class Gaussian:
     return 0.5 + 0.5 * math.log(2 * math.pi) + jnp.log(self.std)
 
 
+def _f32_linear(din: int, dout: int, axes: tuple[str, str], *, rngs: nnx.Rngs) -> nnx.Linear:
+  """Float32 Linear with logical axes (the small heads stay fp32 under bf16 compute)."""
+  return nnx.Linear(din, dout, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs,
+                    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
+                    bias_init=nnx.with_partitioning(nnx.initializers.zeros, (axes[1],)))
+
+
+def _f32_layernorm(dim: int, axis: str, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+                       scale_init=nnx.with_partitioning(nnx.initializers.ones, (axis,)),
+                       bias_init=nnx.with_partitioning(nnx.initializers.zeros, (axis,)),
+                       rngs=rngs)
+
+
 class LatentHead(nnx.Module):
   """MLP(d->h, GELU, h->h, LayerNorm) -> Linear heads for mean and log-std."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, h = cfg.hidden_size, cfg.latent_hidden_size or cfg.hidden_size
     self.deterministic = cfg.latent_deterministic
-    kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
-
-    def lin(i, o, axes):
-      return nnx.Linear(i, o, kernel_init=nnx.with_partitioning(
-          nnx.initializers.lecun_normal(), axes),
-          bias_init=nnx.with_partitioning(nnx.initializers.zeros, (axes[1],)), **kw)
+    lin = functools.partial(_f32_linear, rngs=rngs)
 
     self.fc1 = lin(d, h, (EMBED, LATENT))
     self.fc2 = lin(h, h, (LATENT, LATENT))
-    self.norm = nnx.LayerNorm(
-        h, epsilon=1e-5,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones, (LATENT,)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros, (LATENT,)), **kw)
+    self.norm = _f32_layernorm(h, LATENT, rngs)
     self.mean = lin(h, d, (LATENT, EMBED))
     self.log_std = None if self.deterministic else lin(h, d, (LATENT, EMBED))
 
@@ -530,19 +537,11 @@ class LatentProjection(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, h = cfg.hidden_size, cfg.latent_proj_size
-    kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
-
-    def lin(i, o, axes):
-      return nnx.Linear(i, o, kernel_init=nnx.with_partitioning(
-          nnx.initializers.lecun_normal(), axes),
-          bias_init=nnx.with_partitioning(nnx.initializers.zeros, (axes[1],)), **kw)
+    lin = functools.partial(_f32_linear, rngs=rngs)
 
     self.fc1 = lin(d, h, (EMBED, LATENT))
     self.fc2 = lin(h, d, (LATENT, EMBED))
-    self.norm = nnx.LayerNorm(
-        d, epsilon=1e-5,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones, (EMBED,)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros, (EMBED,)), **kw)
+    self.norm = _f32_layernorm(d, EMBED, rngs)
 
   def __call__(self, hidden: jax.Array) -> jax.Array:
     x = hidden.astype(jnp.float32)

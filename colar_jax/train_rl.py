@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 import time
 from typing import Any, Callable
 
@@ -345,25 +344,6 @@ def train(c: mlc.ConfigDict, workdir: str, *, score_fn: ScoreFn | None = None
   return last
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  from absl import flags
-  from colar_jax import cli
-  c = cli.resolved_config()
-  workdir = flags.FLAGS.workdir
-  if not workdir:
-    sys.exit("error: --workdir is required")
-  cli.setup_jax(c)
-  shd.maybe_initialize_distributed(c)
-  try:
-    last = train(c, workdir)
-  except NonFiniteLossError as e:
-    sys.exit(f"error: {e}")
-  logging.info("done: %s", last)
-
-
 if __name__ == "__main__":
-  from absl import app
   from colar_jax import cli
-  cli.define_flags()
-  app.run(main)
+  cli.run_training(train)

@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import os
 import signal
-import sys
 from typing import Any, Iterator
 
 import jax
@@ -93,9 +92,7 @@ def _tokenizer(c: mlc.ConfigDict, workdir: str, train_source: Any, templates: An
 
 def setup_data(c: mlc.ConfigDict, workdir: str) -> Data:
   from colar_jax.data import builders, pipeline, prompts
-  templates = prompts.PromptTemplates(
-      question=c.data.question_template, speed=c.data.speed_template,
-      separator=c.data.thinking_separator, answer=c.data.answer_template)
+  templates = prompts.PromptTemplates.from_run_config(c)
   buckets = prompts.Buckets(question=tuple(c.data.question_buckets),
                             steps=tuple(c.data.steps_buckets),
                             answer=tuple(c.data.answer_buckets))
@@ -369,34 +366,6 @@ def train(c: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   return last
 
 
-def _quiet_orbax() -> None:
-  """Orbax logs every file op at INFO through absl; keep its warnings only."""
-  class _Filter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-      return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-  logging.getLogger("absl").addFilter(_Filter())
-
-
-def main(argv: list[str]) -> None:
-  del argv
-  _quiet_orbax()
-  from absl import flags
-  from colar_jax import cli
-  c = cli.resolved_config()
-  workdir = flags.FLAGS.workdir
-  if not workdir:
-    sys.exit("error: --workdir is required")
-  cli.setup_jax(c)
-  shd.maybe_initialize_distributed(c)
-  try:
-    last = train(c, workdir)
-  except NonFiniteLossError as e:
-    sys.exit(f"error: {e}")
-  logging.info("done: %s", last)
-
-
 if __name__ == "__main__":
-  from absl import app
   from colar_jax import cli
-  cli.define_flags()
-  app.run(main)
+  cli.run_training(train)

@@ -81,6 +81,13 @@ class PromptTemplates:
         """From an ml_collections ConfigDict / mapping with any subset of the field names."""
         return cls(**_config_items(cfg))
 
+    @classmethod
+    def from_run_config(cls, c: Any) -> PromptTemplates:
+        """From a run config's ``data.*_template`` / ``data.thinking_separator`` keys."""
+        d = c.data
+        return cls(question=d.question_template, speed=d.speed_template,
+                   separator=d.thinking_separator, answer=d.answer_template)
+
     @property
     def answer_prefix(self) -> str:
         """What precedes the answer in generated text (``"Answer:"``), for extraction."""
