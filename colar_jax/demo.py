@@ -1,40 +1,472 @@
-"""``make demo``: the embedded default end to end.
+"""``make demo``: the embedded default, end to end on a laptop-class CPU.
 
-PLACEHOLDER until the demo issue lands: builds the tiny preset, runs a forward
-pass and a few latent steps, and says so. The full pipeline (synthetic data ->
-CoT SFT -> CoLaR SFT -> GRPO -> baselines -> evaluation table + plot) replaces
-this file.
+  python -m colar_jax.demo [--workdir runs/demo] [--fresh] [--quick]
+
+1. prepares the synthetic modular-arithmetic chain task (``colar_jax/data/synthetic.py``);
+2. trains a tiny Llama from scratch (random init, char tokenizer) through
+   CoT SFT -> CoLaR SFT (from the CoT run) -> GRPO (from the CoLaR run), and the No-CoT
+   and Coconut baselines (from the CoT run) on the same data;
+3. evaluates every run on the held-out test split at compression factors 1/2/3/5 with
+   3 seeds (methods whose prompt ignores c are evaluated once);
+4. prints the table (method, c, accuracy +- 95% CI over seeds, #L, #L ratio vs CoT) and
+   writes ``results.md``, ``results.json`` and ``accuracy_vs_L.png`` to the workdir.
+
+Every phase is a normal run (``configs/demo.py:PHASE``, ``<workdir>/<phase>``) that the
+training CLIs can resume or redo by hand. A phase whose workdir holds a finished run
+trained with the same config (and the same upstream runs) is reused, as is its
+evaluation, so a second ``make demo`` only prints the table; ``--fresh`` deletes the
+workdir first. A phase interrupted mid-way resumes from its last checkpoint.
+
+``--quick`` swaps in a drastically reduced budget (``configs/demo.py:PHASE,quick``: a
+few steps per phase, a few test questions, factors 1/2, 2 seeds) to check the plumbing;
+its numbers mean nothing.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.py"
+LABELS = dict(cot="CoT", colar="CoLaR", rl="CoLaR+GRPO", nocot="No-CoT", coconut="Coconut")
+STAMP = "demo_stamp.json"
+EVAL_NAME = "demo_test"
 
-from colar_jax import configlib
-from colar_jax.model import CoLaRModel, KVCache
+
+# ----------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------
+def load_config_module(path: str | os.PathLike[str] = DEMO_CONFIG) -> Any:
+  """``configs/demo.py`` as a module (``configs/`` is not a package)."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: the demo config is missing (run from a source checkout)")
+  spec = importlib.util.spec_from_file_location("colar_demo_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  assert spec.loader is not None
+  spec.loader.exec_module(mod)
+  return mod
 
 
-def main() -> None:
-  t0 = time.time()
-  c = configlib.base_config()
-  mc = configlib.model_config(c)
-  model = CoLaRModel(mc, rngs=nnx.Rngs(c.seed))
-  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
-  ids = jnp.arange(1, 13, dtype=jnp.int32)[None] % mc.vocab_size
-  cache = KVCache.init(mc, 1, 32)
-  out = model.lm(ids, cache=cache)
-  h, cache = out.hidden[:, -1:], out.cache
-  for _ in range(4):  # four silent latent steps, as the CoLaR rollout does
-    z = model.latent_head(h).sample(jax.random.key(0)) * 0.02
-    out = model.lm(inputs_embeds=z, cache=cache)
-    h, cache = out.hidden, out.cache
-  print(f"[demo placeholder] tiny CoLaR model: {n_params/1e6:.2f}M params, prefill 12 "
-        f"tokens + 4 latent steps, cache index {int(cache.index[0])}, "
-        f"{time.time() - t0:.1f}s. The full training demo lands with the demo issue.")
+def phase_config(mod: Any, phase: str, root: str, *, quick: bool, jax_cache_dir: str | None,
+                 progress: bool) -> Any:
+  """The config of ``phase`` with paths rooted at the demo workdir."""
+  c = mod.get_config(f"{phase},quick" if quick else phase)
+  c.unlock()
+  src = mod.INIT_FROM[phase]
+  c.init_from = os.path.join(root, src) if src else ""
+  c.data.data_dir = os.path.join(root, "data")
+  if jax_cache_dir is not None:
+    c.jax_cache_dir = jax_cache_dir
+  c.train.progress = progress
+  c.lock()
+  return c
+
+
+def _config_json(c: Any) -> dict[str, Any]:
+  d = json.loads(c.to_json_best_effort())
+  d.get("train", {}).pop("progress", None)  # cosmetic: never a reason to retrain
+  d.pop("jax_cache_dir", None)
+  return d
+
+
+def fingerprint(c: Any, upstream: str = "") -> str:
+  """Identity of a phase's run: its config plus the identity of the run it starts from."""
+  blob = json.dumps(dict(config=_config_json(c), upstream=upstream), sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def num_train_steps(c: Any, phase_trainer: str) -> int:
+  if phase_trainer == "train_rl":
+    from colar_jax import train_rl
+    return int(train_rl.rl_num_steps(c))
+  return int(c.train.num_steps)
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+def finished_step(workdir: str) -> int | None:
+  """Step of the latest complete checkpoint of a run, or None."""
+  from colar_jax import checkpointing
+  try:
+    return int(checkpointing.read_meta(workdir).get("step", -1))
+  except (FileNotFoundError, ValueError, KeyError):
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Phases
+# ----------------------------------------------------------------------------
+def run_phase(mod: Any, phase: str, c: Any, workdir: str, fp: str, log: Any) -> dict[str, Any]:
+  """Trains ``phase`` unless a finished run with the same fingerprint is there."""
+  trainer = mod.TRAINER[phase]
+  steps = num_train_steps(c, trainer)
+  stamp = _read_json(os.path.join(workdir, STAMP))
+  done = finished_step(workdir) if os.path.isdir(workdir) else None
+  if stamp and stamp.get("fingerprint") == fp and done is not None and done >= steps:
+    log(f"  reusing the finished run in {workdir} (step {done})")
+    return dict(stamp, reused=True)
+  if os.path.isdir(workdir):
+    saved = _read_json(os.path.join(workdir, "config.json"))
+    same = (saved is not None and _config_json_from_saved(saved) == _config_json(c)
+            and (stamp is None or stamp.get("fingerprint") == fp))
+    if same and done is not None:
+      log(f"  resuming {workdir} from step {done}")
+    else:
+      log(f"  {workdir} holds a run with another config: starting it over")
+      shutil.rmtree(workdir)
+  t0 = time.perf_counter()
+  if trainer == "train_rl":
+    from colar_jax import train_rl
+    last = train_rl.train(c, workdir)
+  else:
+    from colar_jax import train_sft
+    last = train_sft.train(c, workdir)
+  out = dict(phase=phase, fingerprint=fp, steps=steps, train_seconds=time.perf_counter() - t0,
+             last={k: v for k, v in (last or {}).items() if isinstance(v, (int, float))})
+  _write_json(os.path.join(workdir, STAMP), out)
+  return dict(out, reused=False)
+
+
+def _config_json_from_saved(saved: dict[str, Any]) -> dict[str, Any]:
+  saved = json.loads(json.dumps(saved))
+  saved.get("train", {}).pop("progress", None)
+  saved.pop("jax_cache_dir", None)
+  return saved
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+def dataset_source(c: Any) -> tuple[str, Any]:
+  """(dataset name, tfds builder config) of a run; prepares it once."""
+  from colar_jax import train_sft
+  from colar_jax.data import builders
+  name = c.data.dataset
+  cfg = (builders.synthetic_config(train_sft.synthetic_task(c)) if name == "synthetic"
+         else None)
+  builders.prepare(name, c.data.data_dir, source=c.data.source or None, config=cfg)
+  return name, cfg
+
+
+def test_questions(c: Any, n: int) -> tuple[list[str], list[str]]:
+  """The first ``n`` (0 = all) questions of the run's own test split."""
+  from colar_jax.data import builders
+  from colar_jax.data.records import Record
+  name, cfg = dataset_source(c)
+  src = builders.load_source(name, c.data.data_dir, c.data.test_split, config=cfg)
+  m = len(src) if n <= 0 else min(n, len(src))
+  recs = [Record.from_example(src[i]) for i in range(m)]
+  return [r.question for r in recs], [r.answer for r in recs]
+
+
+def evaluate_phase(phase: str, c: Any, workdir: str, fp: str, *, factors: Sequence[int],
+                   seeds: int, n_questions: int, progress: bool, log: Any) -> dict[str, Any]:
+  """Accuracy / #L of one run per factor (cached in ``<workdir>/eval``)."""
+  from colar_jax import checkpointing, evaluate
+  from colar_jax.data import prompts
+  key = dict(fingerprint=fp, factors=list(factors), seeds=int(seeds),
+             n_questions=int(n_questions), rollout=c.rollout.to_dict())
+  out_dir = os.path.join(workdir, "eval")
+  cached = _read_json(os.path.join(out_dir, EVAL_NAME + ".json"))
+  if cached and cached.get("demo_key") == json.loads(json.dumps(key)):
+    log(f"  reusing {os.path.join(out_dir, EVAL_NAME + '.json')}")
+    return cached
+  run = checkpointing.load_run(workdir)
+  rc = run.config
+  questions, golds = test_questions(rc, n_questions)
+  templates = prompts.PromptTemplates(
+      question=rc.data.question_template, speed=rc.data.speed_template,
+      separator=rc.data.thinking_separator, answer=rc.data.answer_template)
+  buckets = prompts.Buckets(question=tuple(rc.data.question_buckets),
+                            steps=tuple(rc.data.steps_buckets),
+                            answer=tuple(rc.data.answer_buckets))
+  bs = min(int(rc.data.eval_batch_size), len(questions))
+  res = evaluate.evaluate(run.model, run.tokenizer, questions, golds, run.method, factors,
+                          seeds, bs, rc.rollout, run.embed_std, out_dir=out_dir,
+                          name=EVAL_NAME, templates=templates, buckets=buckets,
+                          progress=progress, log=lambda s: None, run_config=rc,
+                          answer_kind="math" if rc.data.dataset == "math" else "number")
+  res = json.loads(json.dumps(res, default=str))
+  res["demo_key"] = json.loads(json.dumps(key))
+  res["phase"] = phase
+  _write_json(os.path.join(out_dir, EVAL_NAME + ".json"), res)
+  return res
+
+
+# ----------------------------------------------------------------------------
+# Table, plot, targets
+# ----------------------------------------------------------------------------
+def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+  """One row per (method, c); #L ratio against CoT's #L."""
+  cot = results.get("cot")
+  cot_l = None
+  if cot:
+    cot_l = float(next(iter(cot["factors"].values()))["num_latent"])
+  rows = []
+  for phase in ("cot", "colar", "rl", "nocot", "coconut"):
+    if phase not in results:
+      continue
+    for c, m in sorted(results[phase]["factors"].items(), key=lambda kv: int(kv[0])):
+      n_lat = float(m["num_latent"])
+      rows.append(dict(
+          phase=phase, method=LABELS[phase], c=int(c), accuracy=float(m["accuracy"]),
+          accuracy_ci95=float(m["accuracy_ci95"]), num_latent=n_lat,
+          num_latent_ratio=(n_lat / cot_l if cot_l else float("nan")),
+          accuracy_per_seed=m.get("accuracy_per_seed")))
+  return rows
+
+
+def format_rows(rows: Sequence[dict[str, Any]]) -> str:
+  head = f"| {'method':<11} | {'c':>2} | {'accuracy (%)':>14} | {'#L':>6} | {'#L / CoT':>8} |"
+  sep = "|" + "|".join("-" * (len(p)) for p in head.split("|")[1:-1]) + "|"
+  lines = [head, sep]
+  for r in rows:
+    acc = f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_ci95']:.1f}"
+    ratio = "" if math.isnan(r["num_latent_ratio"]) else f"{r['num_latent_ratio']:.2f}"
+    lines.append(f"| {r['method']:<11} | {r['c']:>2} | {acc:>14} | {r['num_latent']:>6.2f} | "
+                 f"{ratio:>8} |")
+  return "\n".join(lines)
+
+
+def check_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The demo's acceptance targets, measured (a missing row fails its target)."""
+  def get(phase: str, c: int | None = None) -> dict[str, Any] | None:
+    for r in rows:
+      if r["phase"] == phase and (c is None or r["c"] == c):
+        return r
+    return None
+
+  out = []
+
+  def add(name: str, ok: bool | None, detail: str) -> None:
+    out.append(dict(target=name, ok=bool(ok), detail=detail))
+
+  cot, c2, c5 = get("cot"), get("colar", 2), get("colar", 5)
+  nocot = get("nocot")
+  add("CoT accuracy >= 90%", cot and cot["accuracy"] >= 0.90,
+      f"{100 * cot['accuracy']:.1f}%" if cot else "missing")
+  add("CoLaR c=2 >= 85% at #L <= 0.55x CoT",
+      c2 and c2["accuracy"] >= 0.85 and c2["num_latent_ratio"] <= 0.55,
+      f"{100 * c2['accuracy']:.1f}% at {c2['num_latent_ratio']:.2f}x" if c2 else "missing")
+  add("CoLaR c=5 >= 70% at #L <= 0.25x CoT",
+      c5 and c5["accuracy"] >= 0.70 and c5["num_latent_ratio"] <= 0.25,
+      f"{100 * c5['accuracy']:.1f}% at {c5['num_latent_ratio']:.2f}x" if c5 else "missing")
+  add("No-CoT clearly below CoLaR c=5 (CIs apart)",
+      nocot and c5 and (nocot["accuracy"] + nocot["accuracy_ci95"]
+                        < c5["accuracy"] - c5["accuracy_ci95"]),
+      f"{100 * nocot['accuracy']:.1f}% vs {100 * c5['accuracy']:.1f}%"
+      if nocot and c5 else "missing")
+  rl_rows = [r for r in rows if r["phase"] == "rl"]
+  if rl_rows:
+    rl_c = max(r["c"] for r in rl_rows)
+    rl, sft = get("rl", rl_c), get("colar", rl_c)
+    ok = bool(rl and sft and rl["accuracy"] + rl["accuracy_ci95"] >= sft["accuracy"]
+              - sft["accuracy_ci95"] and rl["num_latent"] < sft["num_latent"])
+    add(f"GRPO not worse and shorter than CoLaR-SFT (c={rl_c})", ok,
+        f"{100 * rl['accuracy']:.1f}% / #L {rl['num_latent']:.2f} vs "
+        f"{100 * sft['accuracy']:.1f}% / #L {sft['num_latent']:.2f}" if rl and sft
+        else "missing")
+  return out
+
+
+def save_plot(path: str, rows: Sequence[dict[str, Any]], title: str = "") -> None:
+  """Accuracy (95% CI) against #L: CoLaR / GRPO as curves over c, the rest as points."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+  styles = dict(cot=("k", "*"), colar=("C0", "o"), rl=("C3", "s"), nocot=("C7", "v"),
+                coconut=("C2", "D"))
+  for phase in ("colar", "rl", "cot", "nocot", "coconut"):
+    pr = [r for r in rows if r["phase"] == phase]
+    if not pr:
+      continue
+    color, marker = styles[phase]
+    xs = [r["num_latent"] for r in pr]
+    ys = [100 * r["accuracy"] for r in pr]
+    es = [100 * r["accuracy_ci95"] for r in pr]
+    ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=3,
+                linestyle="-" if len(pr) > 1 else "none", label=LABELS[phase])
+    if len(pr) > 1:
+      for r, x, y in zip(pr, xs, ys):
+        ax.annotate(f"c={r['c']}", (x, y), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7, color=color)
+  ax.set_xlabel("#L (reasoning steps: latents, or CoT tokens)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylim(-2, 102)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, format="png")
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m colar_jax.demo", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", default="runs/demo", help="root of the phase runs and results")
+  p.add_argument("--fresh", action="store_true", help="delete the workdir first")
+  p.add_argument("--quick", action="store_true",
+                 help="tiny budget (configs/demo.py:PHASE,quick) to test the plumbing")
+  p.add_argument("--phases", default=None,
+                 help="comma list, a prefix-closed subset of cot,colar,rl,nocot,coconut")
+  p.add_argument("--compression", default=None, help="eval factors (default 1,2,3,5)")
+  p.add_argument("--seeds", type=int, default=None, help="eval seeds (default 3)")
+  p.add_argument("--test_examples", type=int, default=None, help="0 = the whole test split")
+  p.add_argument("--jax_cache_dir", default=None, help="default: the configs' jax_cache_dir")
+  p.add_argument("--config", default=str(DEMO_CONFIG),
+                 help="phase config file (default configs/demo.py; e.g. "
+                      "configs/smollm2_gsm8k.py for the real-weights pipeline)")
+  p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--verbose", action="store_true", help="keep INFO logs")
+  return p.parse_args(argv)
+
+
+def _quiet(verbose: bool) -> None:
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity("info" if verbose else "error")
+  if not verbose:
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in ("absl", "jax", "orbax", "tensorflow_datasets", "grain"):
+      logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  t_start = time.perf_counter()
+  _quiet(args.verbose)
+
+  def log(msg: str) -> None:
+    print(msg, flush=True)
+
+  mod = load_config_module(args.config)
+  phases = list(mod.PHASES) if not args.phases else [
+      p.strip() for p in args.phases.split(",") if p.strip()]
+  for p in phases:
+    if p not in mod.PHASES:
+      sys.exit(f"error: --phases: unknown phase {p!r}; known: {', '.join(mod.PHASES)}")
+    if mod.INIT_FROM[p] and mod.INIT_FROM[p] not in phases:
+      sys.exit(f"error: --phases: {p} starts from {mod.INIT_FROM[p]}, which is not listed")
+  ev = mod.eval_settings(args.quick)
+  factors = ([int(x) for x in args.compression.split(",")] if args.compression
+             else list(ev["factors"]))
+  seeds = int(args.seeds if args.seeds is not None else ev["seeds"])
+  n_q = int(args.test_examples if args.test_examples is not None else ev["test_examples"])
+  root = os.path.abspath(args.workdir)
+  if args.fresh and os.path.isdir(root):
+    log(f"--fresh: deleting {root}")
+    shutil.rmtree(root)
+  os.makedirs(root, exist_ok=True)
+  progress = not args.no_progress
+
+  configs = {p: phase_config(mod, p, root, quick=args.quick,
+                             jax_cache_dir=args.jax_cache_dir, progress=progress)
+             for p in phases}
+  from colar_jax import cli
+  cli.setup_jax(configs[phases[0]])
+  import jax
+  log(f"CoLaR demo -> {root}  ({'quick' if args.quick else 'full'} budget; jax "
+      f"{jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs)")
+
+  # Data (shared by every phase; a synthetic task's tfds config name encodes it).
+  t0 = time.perf_counter()
+  from colar_jax.data import builders
+  first = configs[phases[0]]
+  name, bcfg = dataset_source(first)
+  sizes = builders.get_builder(name, first.data.data_dir, config=bcfg).info.splits
+  task = name + (f" ({bcfg.name})" if bcfg is not None else "")
+  log(f"[data] {task}: " + ", ".join(f"{k} {v.num_examples}" for k, v in sorted(sizes.items()))
+      + f"  ({time.perf_counter() - t0:.1f}s)")
+
+  timings: dict[str, float] = {}
+  fps: dict[str, str] = {}
+  stamps: dict[str, Any] = {}
+  for i, p in enumerate(phases):
+    c = configs[p]
+    fps[p] = fingerprint(c, fps.get(mod.INIT_FROM[p], ""))
+    steps = num_train_steps(c, mod.TRAINER[p])
+    log(f"[{i + 1}/{len(phases)}] {LABELS[p]}: {mod.DESCRIPTION[p]} -- {steps} steps"
+        + (f", from {mod.INIT_FROM[p]}" if mod.INIT_FROM[p] else ""))
+    t0 = time.perf_counter()
+    stamps[p] = run_phase(mod, p, c, os.path.join(root, p), fps[p], log)
+    timings[f"train_{p}"] = time.perf_counter() - t0
+
+  log(f"[eval] test split, factors {factors}, {seeds} seeds"
+      + (f", first {n_q} questions" if n_q else ""))
+  results: dict[str, dict[str, Any]] = {}
+  for p in phases:
+    t0 = time.perf_counter()
+    results[p] = evaluate_phase(p, configs[p], os.path.join(root, p), fps[p], factors=factors,
+                                seeds=seeds, n_questions=n_q, progress=progress, log=log)
+    timings[f"eval_{p}"] = time.perf_counter() - t0
+
+  rows = table_rows(results)
+  targets = check_targets(rows) if getattr(mod, "TARGETS", False) and not args.quick else []
+  table = format_rows(rows)
+  timings["total"] = time.perf_counter() - t_start
+  n_test = next(iter(results.values()))["num_questions"] if results else 0
+  summary = dict(
+      workdir=root, quick=bool(args.quick), phases=phases, factors=factors, seeds=seeds,
+      num_test_questions=n_test, task=task, rows=rows, targets=targets,
+      timings_s={k: round(v, 1) for k, v in timings.items()},
+      reused={p: bool(stamps[p].get("reused")) for p in phases},
+      cpu_count=os.cpu_count(), load_avg=list(os.getloadavg()))
+  _write_json(os.path.join(root, "results.json"), summary)
+  plot = os.path.join(root, "accuracy_vs_L.png")
+  save_plot(plot, rows, title=f"CoLaR demo: {task}")
+  md = [f"# CoLaR demo results ({'quick' if args.quick else 'full'} budget)", "",
+        f"Dataset `{task}`, {n_test} test questions, seeds "
+        f"{list(range(seeds))}; accuracy = mean ± 1.96·std/√seeds.", "", table, ""]
+  if targets:
+    md += ["| target | measured | met |", "|---|---|---|"]
+    md += [f"| {t['target']} | {t['detail']} | {'yes' if t['ok'] else 'NO'} |"
+           for t in targets]
+    md.append("")
+  md.append("Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+  with open(os.path.join(root, "results.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+
+  log("")
+  log(table)
+  for t in targets:
+    log(f"  [{'ok' if t['ok'] else 'MISSED'}] {t['target']}: {t['detail']}")
+  log(f"\ntotal {timings['total']:.0f}s; results: {root}/results.md, results.json, "
+      f"accuracy_vs_L.png")
+  log(f"workdir: {root}")
+  return summary
 
 
 if __name__ == "__main__":

@@ -258,7 +258,7 @@ def rl_update_step(graphdef: nnx.GraphDef, state: ts.TrainState, frozen: nnx.Sta
     return rl_loss(ts.merge_model(graphdef, params, frozen), mb, rl, cfg)
 
   (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ts.all_finite(params)
