@@ -254,8 +254,13 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def check_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """The demo's acceptance targets, measured (a missing row fails its target)."""
+def check_targets(rows: Sequence[dict[str, Any]], rl_c: int | None = None
+                  ) -> list[dict[str, Any]]:
+  """The demo's acceptance targets, measured (a missing row fails its target).
+
+  ``rl_c``: the thinking speed GRPO trained at (``rl.compression_factor``), where
+  GRPO is compared with CoLaR-SFT (default: the largest evaluated factor).
+  """
   def get(phase: str, c: int | None = None) -> dict[str, Any] | None:
     for r in rows:
       if r["phase"] == phase and (c is None or r["c"] == c):
@@ -284,7 +289,8 @@ def check_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       if nocot and c5 else "missing")
   rl_rows = [r for r in rows if r["phase"] == "rl"]
   if rl_rows:
-    rl_c = max(r["c"] for r in rl_rows)
+    if rl_c is None or not any(r["c"] == rl_c for r in rl_rows):
+      rl_c = max(r["c"] for r in rl_rows)
     rl, sft = get("rl", rl_c), get("colar", rl_c)
     ok = bool(rl and sft and rl["accuracy"] + rl["accuracy_ci95"] >= sft["accuracy"]
               - sft["accuracy_ci95"] and rl["num_latent"] < sft["num_latent"])
@@ -434,7 +440,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     timings[f"eval_{p}"] = time.perf_counter() - t0
 
   rows = table_rows(results)
-  targets = check_targets(rows) if getattr(mod, "TARGETS", False) and not args.quick else []
+  rl_c = int(configs["rl"].rl.compression_factor) if "rl" in configs else None
+  targets = (check_targets(rows, rl_c) if getattr(mod, "TARGETS", False) and not args.quick
+             else [])
   table = format_rows(rows)
   timings["total"] = time.perf_counter() - t_start
   n_test = next(iter(results.values()))["num_questions"] if results else 0

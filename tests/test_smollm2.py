@@ -23,7 +23,7 @@ from flax import nnx
 from colar_jax import convert
 from colar_jax.model import Decoder, KVCache
 
-pytestmark = pytest.mark.slow  # ~2 min on 2 shared CPU cores (GGUF parsing dominates)
+# ~1-2 min on 2 CPU cores (GGUF parsing dominates); part of `make test`: real-weight parity.
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The capital of France is"
