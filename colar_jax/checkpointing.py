@@ -182,7 +182,8 @@ def _from_hf_dir(c: mlc.ConfigDict, mesh: Mesh, rules: Any) -> CoLaRModel:
   return model
 
 
-def _transplant(model: CoLaRModel, params: dict[str, Any], what: str) -> None:
+def _transplant(model: CoLaRModel, params: dict[str, Any], what: str, *,
+                complete: bool = False) -> None:
   """Copies ``params`` (pure dict) into ``model`` by path; a plain ``.../kernel`` may
   fill a LoRA ``.../base/kernel`` (full-FT run -> LoRA run). Fails on leftovers."""
   src = traverse_util.flatten_dict(params)
@@ -193,9 +194,12 @@ def _transplant(model: CoLaRModel, params: dict[str, Any], what: str) -> None:
     alias = tuple(x for i, x in enumerate(p) if not (x == "base" and i == len(p) - 2))
     k = p if p in src else alias if alias in src else None
     if k is None:
-      # Only modules a new run adds may start fresh: the latent head / projection and
-      # LoRA adapters. Anything else missing is a mismatched checkpoint (the
-      # reference's strict=False silently kept random weights here).
+      if not complete:  # restoring a run's trainable subset onto its rebuilt base
+        continue
+      # ``complete``: the source is a whole model (init_from). Only modules a new
+      # run adds may start fresh: the latent head / projection and LoRA adapters.
+      # Anything else missing is a mismatched checkpoint (the reference's
+      # strict=False silently kept random weights here).
       if not (p[0] in ("latent_head", "latent_proj") or p[-1] in ("lora_a", "lora_b")):
         raise ValueError(f"{what}: checkpoint has no parameter {'/'.join(map(str, p))} "
                          "that the model needs")
@@ -258,7 +262,7 @@ def load_model(path: str, mesh: Mesh, rules: Any, *, target: mlc.ConfigDict | No
   mc = configlib.model_config(target)
   model = shd.create_sharded(lambda: CoLaRModel(mc, rngs=nnx.Rngs(int(target.seed))),
                              mesh, rules)
-  _transplant(model, nnx.to_pure_dict(nnx.state(base)), path)
+  _transplant(model, nnx.to_pure_dict(nnx.state(base)), path, complete=True)
   return model, meta
 
 
