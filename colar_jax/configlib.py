@@ -75,6 +75,7 @@ def base_config() -> mlc.ConfigDict:
   c.data.question_template = "Question: {} Let's think step by step:"
   c.data.speed_template = "(Thinking speed: {})"
   c.data.thinking_separator = "###"
+  c.data.step_joiner = "\n"  # between reasoning steps in the chain text
   c.data.answer_template = "Answer:{}"
   c.data.question_buckets = (32, 64, 128, 256)
   c.data.steps_buckets = (16, 32, 64, 128, 256)
@@ -84,6 +85,7 @@ def base_config() -> mlc.ConfigDict:
 
   c.colar = mlc.ConfigDict()
   c.colar.max_compression_factor = "5"  # int-like "5" = uniform 1..5, or a list "1,2,5"
+  c.colar.factor_weights = ""  # "" = uniform draw; or one weight per factor, "1,2,1,4"
   c.colar.auto_prob = 0.0  # prob. the prompt says "auto" instead of c
   c.colar.sqrt_mean = True  # divide the block sum by sqrt(#real tokens) (MP ablation: False)
   c.colar.random_label = True  # CE label of a block = one random real token (OC ablation)
@@ -207,6 +209,7 @@ def validate(c: mlc.ConfigDict) -> None:
     raise ValueError("config.colar.embed_modeling_loss: must be 'mse' or 'nll', got "
                      f"{c.colar.embed_modeling_loss!r}")
   compression_factors(c)  # raises on a malformed value
+  compression_factor_weights(c)
   b = c.baselines
   for name, top in (("icot", b.icot.max_stage), ("coconut", b.coconut.max_latent_stage)):
     k = b[name]
@@ -232,6 +235,23 @@ def compression_factors(c: mlc.ConfigDict) -> list[int]:
   if not out or min(out) < 1:
     raise ValueError(f"config.colar.max_compression_factor: {v!r} must be >= 1")
   return out
+
+
+def compression_factor_weights(c: mlc.ConfigDict) -> tuple[float, ...]:
+  """``colar.factor_weights`` as floats, one per factor of :func:`compression_factors`
+  (empty: uniform)."""
+  v = str(c.colar.get("factor_weights", "")).strip().strip(",")
+  if not v:
+    return ()
+  factors = compression_factors(c)
+  try:
+    w = tuple(float(x) for x in v.split(",") if x.strip())
+  except ValueError:
+    raise ValueError(f"config.colar.factor_weights: {v!r} is not a comma list of numbers") from None
+  if len(w) != len(factors) or min(w) < 0 or sum(w) <= 0:
+    raise ValueError(f"config.colar.factor_weights: {v!r} needs one weight >= 0 per factor "
+                     f"{factors} (not all 0)")
+  return w
 
 
 def save_config(c: mlc.ConfigDict, path: str) -> None:

@@ -200,9 +200,7 @@ def evaluate_phase(phase: str, c: Any, workdir: str, fp: str, *, factors: Sequen
   run = checkpointing.load_run(workdir)
   rc = run.config
   questions, golds = test_questions(rc, n_questions)
-  templates = prompts.PromptTemplates(
-      question=rc.data.question_template, speed=rc.data.speed_template,
-      separator=rc.data.thinking_separator, answer=rc.data.answer_template)
+  templates = prompts.PromptTemplates.from_run_config(rc)
   buckets = prompts.Buckets(question=tuple(rc.data.question_buckets),
                             steps=tuple(rc.data.steps_buckets),
                             answer=tuple(rc.data.answer_buckets))

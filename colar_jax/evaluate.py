@@ -317,14 +317,22 @@ def load_run(workdir: str) -> Run:
   raise NotImplementedError("load_run: wire colar_jax.checkpointing's restore here")
 
 
-def load_questions(dataset: str, split: str, *, data_dir: str, source: str | None = None
-                   ) -> tuple[list[str], list[str]]:
-  """(questions, gold answers) of a split, preparing the tfds dataset once if needed."""
+def load_questions(dataset: str, split: str, *, data_dir: str, source: str | None = None,
+                   run_config: Any = None) -> tuple[list[str], list[str]]:
+  """(questions, gold answers) of a split, preparing the tfds dataset once if needed.
+
+  For ``synthetic`` the task parameters come from the run's ``data.synthetic`` (the
+  builder default is a different task, hence a different test set)."""
   from colar_jax.data import builders
   from colar_jax.data.records import Record
 
-  builders.prepare(dataset, data_dir, source=source)
-  recs = [Record.from_example(ex) for ex in builders.load_source(dataset, data_dir, split)]
+  cfg = None
+  if dataset == "synthetic" and run_config is not None:
+    from colar_jax.train_sft import synthetic_task
+    cfg = builders.synthetic_config(synthetic_task(run_config))
+  builders.prepare(dataset, data_dir, source=source, config=cfg)
+  recs = [Record.from_example(ex)
+          for ex in builders.load_source(dataset, data_dir, split, config=cfg)]
   return [r.question for r in recs], [r.answer for r in recs]
 
 
@@ -363,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   data_dir = args.data_dir or c.data.get("data_dir", "") or os.path.join(
       os.path.dirname(os.path.abspath(args.workdir)), "data")
   questions, golds = load_questions(args.dataset, args.split, data_dir=data_dir,
-                                    source=args.source)
+                                    source=args.source, run_config=c)
   if args.max_examples:
     questions, golds = questions[:args.max_examples], golds[:args.max_examples]
   templates, rc = run.templates, run.rollout_config(greedy=args.greedy)

@@ -107,6 +107,7 @@ def setup_data(c: mlc.ConfigDict, workdir: str) -> Data:
     val_src = []
   tok, tok_dir = _tokenizer(c, workdir, train_src, templates)
   factors = tuple(configlib.compression_factors(c)) if c.method == "colar" else (1,)
+  weights = configlib.compression_factor_weights(c) if c.method == "colar" else ()
   n_proc = jax.process_count()
   bcfg = None
   encode_fn = pipeline.make_sft_encode_fn(tok, templates, buckets, fixed_shapes=n_proc > 1)
@@ -121,7 +122,7 @@ def setup_data(c: mlc.ConfigDict, workdir: str) -> Data:
                      f"{n_proc} processes")
   sampler = pipeline.SpeedSampler(factors=factors,
                                   auto_prob=float(c.colar.auto_prob) if c.method == "colar"
-                                  else 0.0, seed=int(c.seed))
+                                  else 0.0, seed=int(c.seed), weights=weights)
   train = pipeline.make_train_pipeline(
       train_src, batch_size=c.data.batch_size // n_proc,
       encode_fn=encode_fn, seed=int(c.seed), speed_sampler=sampler,

@@ -55,6 +55,18 @@ def test_compression_factors():
     configlib.compression_factors(c)
 
 
+def test_compression_factor_weights():
+  c = configlib.base_config()
+  c.colar.max_compression_factor = "1,2,5"
+  assert configlib.compression_factor_weights(c) == ()
+  c.colar.factor_weights = "1,1,2"
+  assert configlib.compression_factor_weights(c) == (1.0, 1.0, 2.0)
+  for bad in ("1,2", "1,-1,2", "0,0,0", "a,b,c"):
+    c.colar.factor_weights = bad
+    with pytest.raises(ValueError, match="factor_weights"):
+      configlib.compression_factor_weights(c)
+
+
 def test_all_presets_build_model_configs():
   for name in configlib.MODEL_PRESETS:
     c = configlib.apply_model_preset(configlib.base_config(), name)

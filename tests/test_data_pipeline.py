@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from etils import epath
@@ -132,6 +134,17 @@ def test_speed_draws_are_reproducible_and_in_range(env):
         assert (b["speed"] == SAMPLER(i).code).all() and (b["compression_factor"] == SAMPLER(i).factor).all()
     with pytest.raises(ValueError):
         SpeedSampler(factors=(0, 1))
+
+
+def test_weighted_speed_draws_follow_the_weights():
+    s = SpeedSampler(factors=(1, 2, 5), weights=(1, 1, 2), seed=3)
+    counts = Counter(s(i).factor for i in range(4000))
+    assert abs(counts[5] / 4000 - 0.5) < 0.03 and abs(counts[1] / 4000 - 0.25) < 0.03
+    assert [s(i) for i in range(50)] == [SpeedSampler(factors=(1, 2, 5), weights=(1, 1, 2), seed=3)(i) for i in range(50)]
+    assert Counter(SpeedSampler(factors=(1, 2), weights=(0, 1))(i).factor for i in range(200)) == {2: 200}
+    for bad in ((1, 1), (1, -1, 1), (0, 0, 0)):
+        with pytest.raises(ValueError, match="weights"):
+            SpeedSampler(factors=(1, 2, 5), weights=bad)
 
 
 def test_shards_are_disjoint_and_draw_the_same_speeds(env):

@@ -42,11 +42,13 @@ EncodeFn = Callable[[list[Record], Speed, int], dict[str, np.ndarray]]
 
 @dataclasses.dataclass(frozen=True)
 class SpeedSampler:
-    """Draw a compression factor uniformly from ``factors``; show ``auto`` with ``auto_prob``."""
+    """Draw a compression factor from ``factors`` (uniformly, or in proportion to
+    ``weights``); show ``auto`` with ``auto_prob``."""
 
     factors: tuple[int, ...] = (1, 2, 3, 4, 5)
     auto_prob: float = 0.0
     seed: int = 0
+    weights: tuple[float, ...] = ()  # empty = uniform
 
     def __post_init__(self) -> None:
         if not self.factors or any(int(f) < 1 for f in self.factors):
@@ -54,6 +56,10 @@ class SpeedSampler:
         if not 0.0 <= self.auto_prob <= 1.0:
             raise ValueError("auto_prob must be in [0, 1]")
         object.__setattr__(self, "factors", tuple(int(f) for f in self.factors))
+        weights = tuple(float(w) for w in self.weights)
+        if weights and (len(weights) != len(self.factors) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"weights {weights} must be >= 0, not all 0, one per factor {self.factors}")
+        object.__setattr__(self, "weights", weights)
 
     @classmethod
     def from_config(cls, cfg: Any, seed: int = 0) -> SpeedSampler:
@@ -64,7 +70,12 @@ class SpeedSampler:
     def __call__(self, batch_index: int) -> Speed:
         # Stream 1 of the seed: decorrelated from the shuffle, which uses the bare seed.
         rng = np.random.default_rng([self.seed, 1, batch_index])
-        factor = self.factors[int(rng.integers(len(self.factors)))]
+        if self.weights:  # the uniform branch keeps its draws (and resumed runs) unchanged
+            cdf = np.cumsum(self.weights) / sum(self.weights)
+            idx = min(int(np.searchsorted(cdf, rng.random(), side="right")), len(cdf) - 1)
+        else:
+            idx = int(rng.integers(len(self.factors)))
+        factor = self.factors[idx]
         return Speed(factor=factor, auto=bool(rng.random() < self.auto_prob))
 
 

@@ -83,10 +83,14 @@ class PromptTemplates:
 
     @classmethod
     def from_run_config(cls, c: Any) -> PromptTemplates:
-        """From a run config's ``data.*_template`` / ``data.thinking_separator`` keys."""
+        """From a run config's ``data.*_template`` / ``thinking_separator`` / ``step_joiner``.
+
+        ``step_joiner`` is read with a default: configs saved before it existed joined
+        steps with a newline."""
         d = c.data
         return cls(question=d.question_template, speed=d.speed_template,
-                   separator=d.thinking_separator, answer=d.answer_template)
+                   separator=d.thinking_separator, answer=d.answer_template,
+                   step_joiner=d.get("step_joiner", "\n"))
 
     @property
     def answer_prefix(self) -> str:
