@@ -68,6 +68,9 @@ def synthetic_task(c: mlc.ConfigDict):
       kw["min_steps"] = kw["max_steps"] = int(v)
     elif k in fields:
       kw[k] = v
+    else:
+      raise ValueError(f"config.data.synthetic.{k}: unknown key; known: num_steps, "
+                       f"{', '.join(sorted(fields))}")
   return SyntheticTask(**kw)
 
 

@@ -67,6 +67,15 @@ def test_compression_factor_weights():
       configlib.compression_factor_weights(c)
 
 
+def test_unknown_synthetic_key_fails_by_name():
+  from colar_jax.train_sft import synthetic_task
+  c = configlib.base_config()
+  assert synthetic_task(c).min_steps == 4
+  c.data.synthetic.num_stpes = 3
+  with pytest.raises(ValueError, match=r"data\.synthetic\.num_stpes"):
+    synthetic_task(c)
+
+
 def test_all_presets_build_model_configs():
   for name in configlib.MODEL_PRESETS:
     c = configlib.apply_model_preset(configlib.base_config(), name)

@@ -19,6 +19,19 @@ def test_the_documented_example():
     assert rec.answer == "9"
 
 
+def test_short_step_style_drops_the_left_operand():
+    rec = make_record(2, [("*", 3), ("-", 2), ("-", 8), ("-", 7)], 10, step_style="short")
+    assert rec.steps == ("*3=6", "-2=4", "-8=6", "-7=9") and rec.answer == "9"
+    short = dataclasses.replace(SMALL, step_style="short")
+    assert short.config_name() == SMALL.config_name() + "_short"  # full keeps its old name
+    full, shrt = generate_splits(SMALL)["test"], generate_splits(short)["test"]
+    assert [r.question for r in full] == [r.question for r in shrt]
+    assert all(s.steps == solve_question(s.question, 10, "short").steps for s in shrt[:50])
+    assert SyntheticTask.from_options({"step_style": "short"}).step_style == "short"
+    with pytest.raises(ValueError, match="step_style"):
+        SyntheticTask(step_style="terse")
+
+
 def test_deterministic_for_a_seed_and_different_across_seeds():
     a, b = generate_splits(SMALL), generate_splits(SMALL)
     assert a == b

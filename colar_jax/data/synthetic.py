@@ -28,7 +28,8 @@ import numpy as np
 from colar_jax.data.records import Record
 
 _OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}
-SPLITS = ("test", "val", "train")  # generation order; earlier splits claim questions first
+SPLITS = ("test", "val", "train")
+STEP_STYLES = ("full", "short")  # generation order; earlier splits claim questions first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +46,13 @@ class SyntheticTask:
     val_size: int = 500
     test_size: int = 500
     seed: int = 0
+    # "full": each step "a*b=c"; "short": "*b=c" (the left operand is the previous
+    # result, already in the chain), one token shorter and one digit fewer per step.
+    step_style: str = "full"
 
     def __post_init__(self) -> None:
+        if self.step_style not in STEP_STYLES:
+            raise ValueError(f"step_style must be one of {STEP_STYLES}, got {self.step_style!r}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError("need 1 <= min_steps <= max_steps")
         if self.operand_min > self.operand_max or self.operand_min < 0:
@@ -76,6 +82,7 @@ class SyntheticTask:
         return (
             f"s{self.min_steps}-{self.max_steps}_r{self.operand_min}-{self.operand_max}_{ops}"
             f"_m{self.modulus}_n{self.train_size}-{self.val_size}-{self.test_size}_seed{self.seed}"
+            + ("" if self.step_style == "full" else f"_{self.step_style}")  # older names unchanged
         )
 
     def split_sizes(self) -> dict[str, int]:
@@ -89,7 +96,7 @@ class SyntheticTask:
         for key, value in options.items():
             if key not in fields:
                 raise ValueError(f"unknown synthetic option {key!r}; known: {sorted(fields)}")
-            kwargs[key] = value if key == "operators" else int(value)
+            kwargs[key] = value if key in ("operators", "step_style") else int(value)
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
@@ -103,13 +110,14 @@ def apply_op(a: int, op: str, b: int, modulus: int) -> int:
     raise ValueError(f"unknown operator {op!r}")
 
 
-def make_record(x0: int, ops: list[tuple[str, int]], modulus: int, rid: str = "") -> Record:
+def make_record(x0: int, ops: list[tuple[str, int]], modulus: int, rid: str = "",
+                step_style: str = "full") -> Record:
     """The record for a start value and a list of (operator, operand) pairs."""
     question = f"x={x0};" + ";".join(f"x{op}{b}" for op, b in ops) + "?"
     steps, value = [], x0
     for op, b in ops:
         new = apply_op(value, op, b, modulus)
-        steps.append(f"{value}{op}{b}={new}")
+        steps.append(f"{value}{op}{b}={new}" if step_style == "full" else f"{op}{b}={new}")
         value = new
     return Record(question, tuple(steps), str(value), id=rid)
 
@@ -117,13 +125,13 @@ def make_record(x0: int, ops: list[tuple[str, int]], modulus: int, rid: str = ""
 _QUESTION = re.compile(r"x=(\d+);((?:x[-+*]\d+;)*x[-+*]\d+)\?")
 
 
-def solve_question(question: str, modulus: int) -> Record:
+def solve_question(question: str, modulus: int, step_style: str = "full") -> Record:
     """Recompute steps and answer from the question text alone (used to verify data)."""
     m = _QUESTION.fullmatch(question)
     if m is None:
         raise ValueError(f"not a synthetic question: {question!r}")
     ops = [(t[1], int(t[2:])) for t in m.group(2).split(";")]
-    return make_record(int(m.group(1)), ops, modulus)
+    return make_record(int(m.group(1)), ops, modulus, step_style=step_style)
 
 
 def _draw(task: SyntheticTask, rng: np.random.Generator, n: int) -> list[tuple[int, list[tuple[str, int]]]]:
@@ -148,7 +156,8 @@ def generate_splits(task: SyntheticTask) -> dict[str, list[Record]]:
         records: list[Record] = []
         while len(records) < sizes[split]:
             for x0, ops in _draw(task, rng, max(64, sizes[split] - len(records))):
-                rec = make_record(x0, ops, task.modulus, rid=f"synthetic:{split}:{len(records)}")
+                rec = make_record(x0, ops, task.modulus, rid=f"synthetic:{split}:{len(records)}",
+                                  step_style=task.step_style)
                 if rec.question in seen:
                     continue
                 seen.add(rec.question)
