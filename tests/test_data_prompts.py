@@ -149,3 +149,15 @@ def test_encode_prompt_batch(tok):
 def test_separator_must_be_one_token(tok):
     with pytest.raises(ValueError, match="single token"):
         separator_id(tok, PromptTemplates(separator="#=#"))
+
+
+def test_templates_from_run_config_carry_the_step_joiner():
+    from colar_jax import configlib
+    c = configlib.base_config()
+    c.data.step_joiner = ""
+    t = PromptTemplates.from_run_config(c)
+    assert t.steps_text(["2*3=6", "6+2=8"]) == "###2*3=66+2=8"
+    assert (t.question, t.answer) == (c.data.question_template, c.data.answer_template)
+    old = ConfigDict(c.to_dict())  # a config saved before step_joiner existed
+    del old.data["step_joiner"]
+    assert PromptTemplates.from_run_config(old).steps_text(["a", "b"]) == "###a\nb"
