@@ -243,15 +243,12 @@ def compression_factor_weights(c: mlc.ConfigDict) -> tuple[float, ...]:
   v = str(c.colar.get("factor_weights", "")).strip().strip(",")
   if not v:
     return ()
+  from colar_jax.data.prompts import check_factor_weights  # the sampler's own check
   factors = compression_factors(c)
   try:
-    w = tuple(float(x) for x in v.split(",") if x.strip())
-  except ValueError:
-    raise ValueError(f"config.colar.factor_weights: {v!r} is not a comma list of numbers") from None
-  if len(w) != len(factors) or min(w) < 0 or sum(w) <= 0:
-    raise ValueError(f"config.colar.factor_weights: {v!r} needs one weight >= 0 per factor "
-                     f"{factors} (not all 0)")
-  return w
+    return check_factor_weights(factors, [float(x) for x in v.split(",") if x.strip()])
+  except ValueError as e:
+    raise ValueError(f"config.colar.factor_weights: {v!r}: {e}") from None
 
 
 def save_config(c: mlc.ConfigDict, path: str) -> None:

@@ -167,22 +167,18 @@ def dataset_source(c: Any) -> tuple[str, Any]:
   """(dataset name, tfds builder config) of a run; prepares it once."""
   from colar_jax import train_sft
   from colar_jax.data import builders
-  name = c.data.dataset
-  cfg = (builders.synthetic_config(train_sft.synthetic_task(c)) if name == "synthetic"
-         else None)
+  name, cfg = c.data.dataset, train_sft.builder_config(c)
   builders.prepare(name, c.data.data_dir, source=c.data.source or None, config=cfg)
   return name, cfg
 
 
 def test_questions(c: Any, n: int) -> tuple[list[str], list[str]]:
   """The first ``n`` (0 = all) questions of the run's own test split."""
-  from colar_jax.data import builders
-  from colar_jax.data.records import Record
-  name, cfg = dataset_source(c)
-  src = builders.load_source(name, c.data.data_dir, c.data.test_split, config=cfg)
-  m = len(src) if n <= 0 else min(n, len(src))
-  recs = [Record.from_example(src[i]) for i in range(m)]
-  return [r.question for r in recs], [r.answer for r in recs]
+  from colar_jax import evaluate
+  questions, golds = evaluate.load_questions(c.data.dataset, c.data.test_split,
+                                             data_dir=c.data.data_dir,
+                                             source=c.data.source or None, run_config=c)
+  return (questions, golds) if n <= 0 else (questions[:n], golds[:n])
 
 
 def evaluate_phase(phase: str, c: Any, workdir: str, fp: str, *, factors: Sequence[int],

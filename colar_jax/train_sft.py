@@ -74,6 +74,13 @@ def synthetic_task(c: mlc.ConfigDict):
   return SyntheticTask(**kw)
 
 
+def builder_config(c: mlc.ConfigDict) -> Any:
+  """The tfds builder config of the run's dataset: the run's own synthetic task (the
+  builder's default task is another dataset), else None (the builder's default)."""
+  from colar_jax.data import builders
+  return builders.synthetic_config(synthetic_task(c)) if c.data.dataset == "synthetic" else None
+
+
 def _tokenizer(c: mlc.ConfigDict, workdir: str, train_source: Any, templates: Any):
   """HF tokenizer (``data.tokenizer`` / ``model.hf_dir``), the ``init_from`` run's,
   or a char tokenizer trained once and kept in ``<workdir>/tokenizer``."""
@@ -101,7 +108,7 @@ def setup_data(c: mlc.ConfigDict, workdir: str) -> Data:
                             answer=tuple(c.data.answer_buckets))
   data_dir = c.data.data_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
   name = c.data.dataset
-  cfg = builders.synthetic_config(synthetic_task(c)) if name == "synthetic" else None
+  cfg = builder_config(c)
   builders.prepare(name, data_dir, source=c.data.source or None, config=cfg)
   train_src = builders.load_source(name, data_dir, c.data.train_split, config=cfg)
   try:

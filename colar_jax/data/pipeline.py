@@ -34,7 +34,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from colar_jax.data.prompts import Buckets, EncodeStats, PromptTemplates, Speed, encode_sft_batch
+from colar_jax.data.prompts import (
+    Buckets,
+    EncodeStats,
+    PromptTemplates,
+    Speed,
+    check_factor_weights,
+    encode_sft_batch,
+)
 from colar_jax.data.records import Record
 
 EncodeFn = Callable[[list[Record], Speed, int], dict[str, np.ndarray]]
@@ -56,10 +63,7 @@ class SpeedSampler:
         if not 0.0 <= self.auto_prob <= 1.0:
             raise ValueError("auto_prob must be in [0, 1]")
         object.__setattr__(self, "factors", tuple(int(f) for f in self.factors))
-        weights = tuple(float(w) for w in self.weights)
-        if weights and (len(weights) != len(self.factors) or min(weights) < 0 or sum(weights) <= 0):
-            raise ValueError(f"weights {weights} must be >= 0, not all 0, one per factor {self.factors}")
-        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "weights", check_factor_weights(self.factors, self.weights))
 
     @classmethod
     def from_config(cls, cfg: Any, seed: int = 0) -> SpeedSampler:

@@ -129,6 +129,14 @@ class Buckets:
         return cls(**{k: tuple(v) for k, v in _config_items(cfg).items()})
 
 
+def check_factor_weights(factors: Sequence[int], weights: Sequence[float]) -> tuple[float, ...]:
+    """``weights`` as floats: empty (uniform), or one weight >= 0 per factor, not all 0."""
+    w = tuple(float(x) for x in weights)
+    if w and (len(w) != len(factors) or min(w) < 0 or sum(w) <= 0):
+        raise ValueError(f"weights {w} must be >= 0, not all 0, one per factor {tuple(factors)}")
+    return w
+
+
 @dataclasses.dataclass(frozen=True)
 class Speed:
     """A thinking speed: the compression ``factor`` and whether the prompt shows ``auto``."""

@@ -28,8 +28,8 @@ import numpy as np
 from colar_jax.data.records import Record
 
 _OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}
-SPLITS = ("test", "val", "train")
-STEP_STYLES = ("full", "short")  # generation order; earlier splits claim questions first
+SPLITS = ("test", "val", "train")  # generation order; earlier splits claim questions first
+STEP_STYLES = ("full", "short")
 
 
 @dataclasses.dataclass(frozen=True)
