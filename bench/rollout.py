@@ -8,7 +8,7 @@ runs ``ceil(cot_len / c)`` latent steps + ``answer`` tokens. The #L ratio is
 therefore exactly c-ish, and the wall-clock ratio measured here is what the
 compression buys. At batch 1 each step is compared with the roofline
 ``parameter bytes / memory bandwidth`` (vendor bandwidth on known accelerators,
-a streaming copy measured in this run on CPU). Prints ratios; asserts nothing.
+a streaming copy measured in this run; the vendor's figure beside it). Prints ratios; asserts nothing.
 """
 
 from __future__ import annotations
@@ -32,15 +32,19 @@ from colar_jax.model import CoLaRModel  # noqa: E402
 from colar_jax.rollout import RolloutConfig, rollout  # noqa: E402
 
 
-def timed(graphdef, state, ids, mask, cfg, reps: int) -> float:
+def timed(graphdef, state, ids, mask, cfg, reps: int, profile: str = "") -> float:
   key = jax.random.key(0)
-  jax.block_until_ready(rollout(graphdef, state, ids, mask, key, cfg, batch_buckets=None))
+  run = lambda k: rollout(graphdef, state, ids, mask, k, cfg, batch_buckets=None)
+  jax.block_until_ready(run(key))
   t = time.perf_counter()
   for i in range(reps):
-    out = rollout(graphdef, state, ids, mask, jax.random.fold_in(key, i), cfg,
-                  batch_buckets=None)
+    out = run(jax.random.fold_in(key, i))
   jax.block_until_ready(out)
-  return (time.perf_counter() - t) / reps
+  dt = (time.perf_counter() - t) / reps
+  if profile:  # one more call under the profiler, outside the timed loop
+    with jax.profiler.trace(profile, create_perfetto_trace=True):
+      jax.block_until_ready(run(key))
+  return dt
 
 
 def main() -> None:
@@ -53,6 +57,8 @@ def main() -> None:
   p.add_argument("--answer", type=int, default=8)
   p.add_argument("--c", default="2,5")
   p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--profile", default="",
+                 help="dir: trace one batch-1 call of each mode (bench/trace_summary.py reads it)")
   a = p.parse_args()
 
   c = configlib.apply_model_preset(configlib.base_config(), a.preset)
@@ -61,23 +67,26 @@ def main() -> None:
   model = CoLaRModel(mc, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.lm)))
-  tf, bw, src = common.peaks()
-  print(f"device {common.device_name()}  preset {a.preset}  params "
-        f"{param_bytes/1e6:.1f} MB  bandwidth {bw:.1f} GB/s ({src})")
+  pk = common.peaks()
+  print(f"device {common.device_name()}  preset {a.preset}  dtype {a.dtype}  params "
+        f"{param_bytes/1e6:.1f} MB")
+  print(pk.describe())
   base = dict(separator_id=-1, eos_id=-1, embed_std=0.02, top_p=1.0)
   cot_cfg = RolloutConfig(latent_mode="none", max_new_tokens=a.cot_len + a.answer, **base)
   for bsz in [int(x) for x in a.batches.split(",")]:
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1, mc.vocab_size, (bsz, a.prompt)), jnp.int32)
     mask = jnp.ones_like(ids, bool)
-    t_cot = timed(graphdef, state, ids, mask, cot_cfg, a.reps)
+    prof_root = f"{a.profile}/b{bsz}_" if a.profile and bsz == 1 else ""
+    prof = lambda name, root=prof_root: root + name if root else ""
+    t_cot = timed(graphdef, state, ids, mask, cot_cfg, a.reps, prof("cot"))
     print(f"batch {bsz:4d}  CoT  #L={a.cot_len:3d}  {t_cot*1e3:8.1f} ms  "
           f"{bsz / t_cot:8.1f} questions/s")
     for cf in [int(x) for x in a.c.split(",")]:
       n_lat = -(-a.cot_len // cf)
       cfg = RolloutConfig(latent_mode="sampled", max_latent_steps=n_lat,
                           max_new_tokens=a.answer, **base)
-      t = timed(graphdef, state, ids, mask, cfg, a.reps)
+      t = timed(graphdef, state, ids, mask, cfg, a.reps, prof(f"colar{cf}"))
       ratio_l = (a.cot_len + a.answer) / (n_lat + 1 + a.answer)
       print(f"batch {bsz:4d}  CoLaR-{cf} #L={n_lat:3d}  {t*1e3:8.1f} ms  "
             f"{bsz / t:8.1f} questions/s  speedup vs CoT {t_cot / t:5.2f}x  "
@@ -86,9 +95,13 @@ def main() -> None:
         # Per decode step (latent or token) against the weight-streaming roofline.
         steps = n_lat + 1 + a.answer
         per_step = t / steps
-        roof = param_bytes / (bw * 1e9)
-        print(f"           per step {per_step*1e6:8.1f} us  roofline {roof*1e6:8.1f} us  "
-              f"({roof / per_step:.1%} of bandwidth bound)")
+        roof = param_bytes / (pk.measured_gbs * 1e9)
+        line = (f"           per step {per_step*1e6:8.1f} us  roofline {roof*1e6:8.1f} us "
+                f"at the measured copy rate ({roof / per_step:.1%} of bandwidth bound)")
+        if pk.vendor_gbs:
+          vroof = param_bytes / (pk.vendor_gbs * 1e9)
+          line += f"; {vroof*1e6:.1f} us at the vendor's ({vroof / per_step:.1%})"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """CoLaR SFT train-step throughput, compile time, peak memory and MFU.
 
     python bench/train_step.py --preset tiny --batch 32 --chain 96 --c 5
-    python bench/train_step.py --preset llama32_1b --batch 16 --dtype bfloat16 --c 2   # GPU
+    python bench/train_step.py --preset llama32_1b --batch 32,64,128 --dtype bfloat16 --c 2
 
 Random weights and token ids in the shape of a real batch (question / chain /
-answer parts). Model FLOPs come from XLA's cost analysis of the compiled step
-when available, else the 6*N*tokens + attention estimate; MFU divides by the
-device peak (vendor figure on known accelerators, a matmul measured in this run
-on CPU). Prints ratios; nothing is asserted.
+answer parts); ``--batch`` takes a list and reuses one model and optimizer state.
+MFU is model FLOPs (6*N per processed position plus causal attention, the PaLM
+definition: recomputation from remat does not count) per second over the peak of
+a large matmul measured in this run, and over the vendor's figure where known.
+XLA's own count of the compiled step is printed beside it. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from colar_jax.model import CoLaRModel  # noqa: E402
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--preset", default="tiny")
-  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--batch", default="32", help="comma list")
   p.add_argument("--question", type=int, default=32)
   p.add_argument("--chain", type=int, default=96)
   p.add_argument("--answer", type=int, default=8)
@@ -46,11 +47,13 @@ def main() -> None:
   p.add_argument("--remat", action="store_true")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--mesh", default="data=-1")
+  p.add_argument("--attention", default=None, help="dot_product_attention implementation")
   a = p.parse_args()
 
   c = configlib.apply_model_preset(configlib.base_config(), a.preset)
   c.model.dtype, c.model.lora_rank, c.model.remat = a.dtype, a.lora, a.remat
   c.model.param_dtype = "float32"
+  c.model.attention_impl = a.attention
   mc = configlib.model_config(c)
   mesh_cfg = mlc.ConfigDict({"mesh": {k: int(v) for k, v in
                                       (kv.split("=") for kv in a.mesh.split(","))}})
@@ -66,8 +69,19 @@ def main() -> None:
   del model, params
   step, _ = ts.compile_steps(graphdef, tx, LossConfig(embed_std=0.02), shard)
 
+  c_eff = a.c if a.method == "colar" else 1
+  pk = common.peaks(jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32)
+  print(f"device {common.device_name()} x{jax.device_count()}  preset {a.preset}  "
+        f"params {n_params/1e6:.1f}M (trainable {n_train/1e6:.2f}M)  dtype {a.dtype}  "
+        f"method {a.method} c={c_eff}  attention {a.attention or 'xla'}")
+  print(pk.describe())
+  for b in [int(x) for x in a.batch.split(",")]:
+    state = bench_batch(a, b, c_eff, mc, n_params, step, state, frozen, mesh, rules, pk)
+
+
+def bench_batch(a, b, c_eff, mc, n_params, step, state, frozen, mesh, rules, pk):
   rng = np.random.default_rng(0)
-  b, v = a.batch, mc.vocab_size
+  v = mc.vocab_size
   ones = lambda n: np.ones((b, n), np.int32)
   batch = dict(question_ids=rng.integers(1, v, (b, a.question)).astype(np.int32),
                question_mask=ones(a.question),
@@ -76,17 +90,15 @@ def main() -> None:
                answer_ids=rng.integers(1, v, (b, a.answer)).astype(np.int32),
                answer_mask=ones(a.answer))
   batch = ts.put_batch(batch, mesh, rules)
-  c_eff = a.c if a.method == "colar" else 1
 
   t0 = time.perf_counter()
-  lowered = step.lower(state, frozen, batch, method=a.method, c=c_eff)
-  compiled = lowered.compile()
+  compiled = step.lower(state, frozen, batch, method=a.method, c=c_eff).compile()
   compile_s = time.perf_counter() - t0
-  flops = None
+  xla_flops = None
   try:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    flops = float(ca.get("flops", 0.0)) or None
+    xla_flops = float(ca.get("flops", 0.0)) or None
   except Exception:  # cost analysis is best effort per backend
     pass
   state, m = compiled(state, frozen, batch)
@@ -99,22 +111,20 @@ def main() -> None:
 
   seq = a.question + -(-(a.chain) // c_eff) + 1 + a.answer  # positions actually processed
   tokens = b * seq
-  est = 6 * n_params * tokens + 12 * mc.num_layers * b * seq * seq * mc.hidden_size
-  if a.lora:
-    est = 4 * n_params * tokens  # no weight gradients for frozen bases
-  flops_used = flops or est
-  tf, bw, src = common.peaks(jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32)
-  achieved = flops_used / dt / 1e12
-  print(f"device {common.device_name()} x{jax.device_count()}  preset {a.preset}  "
-        f"params {n_params/1e6:.1f}M (trainable {n_train/1e6:.2f}M)  dtype {a.dtype}")
-  print(f"batch {b}  method {a.method} c={c_eff}  positions/row {seq}  "
-        f"(uncompressed chain {a.chain})")
-  print(f"compile {compile_s:.1f}s  step {dt*1e3:.1f} ms  {tokens/dt:,.0f} tokens/s  "
+  # Causal attention: QK^T and AV over half the square, x3 for forward + backward.
+  attn = 6 * mc.num_layers * b * seq * seq * mc.num_heads * mc.head_dim
+  model_flops = (4 if a.lora else 6) * n_params * tokens + attn  # LoRA: no base weight grads
+  achieved = model_flops / dt / 1e12
+  mfu = f"MFU {achieved / pk.measured_tflops:.1%} of measured"
+  if pk.vendor_tflops:
+    mfu += f", {achieved / pk.vendor_tflops:.1%} of vendor"
+  xla = f"{xla_flops:.3e}" if xla_flops else "n/a"
+  print(f"batch {b:4d} x {seq} positions (chain {a.chain} -> {-(-a.chain // c_eff)})  "
+        f"compile {compile_s:.1f}s  step {dt*1e3:.1f} ms  {tokens/dt:,.0f} tokens/s  "
         f"loss {float(m['loss']):.3f}")
-  print(f"model FLOPs/step {flops_used:.3e} ({'XLA cost analysis' if flops else 'estimate'})"
-        f"  achieved {achieved:.3f} TFLOP/s  peak {tf:.3f} TFLOP/s ({src})  "
-        f"MFU {achieved / tf:.1%}")
-  print(f"peak memory {common.peak_memory_gb():.2f} GB")
+  print(f"           model FLOPs/step {model_flops:.3e} (XLA-counted {xla})  "
+        f"{achieved:.3f} TFLOP/s  {mfu}  peak memory {common.peak_memory_gb():.2f} GB")
+  return state
 
 
 if __name__ == "__main__":
