@@ -82,3 +82,23 @@ def test_config_name_and_validation():
         SyntheticTask(operators="/")
     with pytest.raises(ValueError, match="unknown synthetic option"):
         SyntheticTask.from_options({"steps": "3"})
+
+
+def test_redundant_noop_steps_follow_the_real_chain():
+    rec = make_record(2, [("*", 3), ("-", 2)], 10, noop_steps=2)
+    assert rec.question == "x=2;x*3;x-2?" and rec.answer == "4"
+    assert rec.steps == ("2*3=6", "6-2=4", "4=4", "4=4")
+    assert make_record(2, [("*", 3)], 10, step_style="short", noop_steps=1).steps == ("*3=6", "=6")
+    task = dataclasses.replace(SMALL, max_noop_steps=2)
+    assert task.config_name() == SMALL.config_name() + "_noop2"  # 0 keeps the old name
+    plain, noisy = generate_splits(SMALL)["test"], generate_splits(task)["test"]
+    assert [r.question for r in plain] == [r.question for r in noisy]
+    assert [r.answer for r in plain] == [r.answer for r in noisy]
+    tails = [len(n.steps) - len(p.steps) for p, n in zip(plain, noisy)]
+    assert set(tails) == {0, 1, 2}  # uniform over 0..k (100 draws)
+    for p, n in zip(plain, noisy):
+        assert n.steps[: len(p.steps)] == p.steps
+        assert all(s == f"{p.answer}={p.answer}" for s in n.steps[len(p.steps):])
+    assert SyntheticTask.from_options({"max_noop_steps": "3"}).max_noop_steps == 3
+    with pytest.raises(ValueError, match="max_noop_steps"):
+        SyntheticTask(max_noop_steps=-1)

@@ -14,6 +14,11 @@ steps are short and perfectly regular (5 characters, 6 with the newline joiner),
 latent compression factors map cleanly onto whole steps; and it is generated in
 milliseconds, deterministically from a seed, with no file on disk.
 
+``max_noop_steps`` > 0 appends 0..k redundant steps restating the value (``9=9``) to a chain (drawn uniformly per
+problem; the question and answer are unchanged): reasoning that a shorter chain can drop.
+The SFT model learns to stop after a random number of them, which gives GRPO's length
+reward something to remove (every sample of a group is otherwise correct and equally long).
+
 Splits are disjoint by question text (test is drawn first, then val, then train, each from
 its own seeded stream), so changing ``train_size`` never changes the test set.
 """
@@ -49,8 +54,11 @@ class SyntheticTask:
     # "full": each step "a*b=c"; "short": "*b=c" (the left operand is the previous
     # result, already in the chain), one token shorter and one digit fewer per step.
     step_style: str = "full"
+    max_noop_steps: int = 0  # redundant "9=9" steps appended to a chain: 0..k, uniform
 
     def __post_init__(self) -> None:
+        if self.max_noop_steps < 0:
+            raise ValueError(f"max_noop_steps must be >= 0, got {self.max_noop_steps}")
         if self.step_style not in STEP_STYLES:
             raise ValueError(f"step_style must be one of {STEP_STYLES}, got {self.step_style!r}")
         if not 1 <= self.min_steps <= self.max_steps:
@@ -83,6 +91,7 @@ class SyntheticTask:
             f"s{self.min_steps}-{self.max_steps}_r{self.operand_min}-{self.operand_max}_{ops}"
             f"_m{self.modulus}_n{self.train_size}-{self.val_size}-{self.test_size}_seed{self.seed}"
             + ("" if self.step_style == "full" else f"_{self.step_style}")  # older names unchanged
+            + (f"_noop{self.max_noop_steps}" if self.max_noop_steps else "")
         )
 
     def split_sizes(self) -> dict[str, int]:
@@ -111,14 +120,19 @@ def apply_op(a: int, op: str, b: int, modulus: int) -> int:
 
 
 def make_record(x0: int, ops: list[tuple[str, int]], modulus: int, rid: str = "",
-                step_style: str = "full") -> Record:
-    """The record for a start value and a list of (operator, operand) pairs."""
+                step_style: str = "full", noop_steps: int = 0) -> Record:
+    """The record for a start value and a list of (operator, operand) pairs, its chain
+    followed by ``noop_steps`` redundant steps (not in the question)."""
     question = f"x={x0};" + ";".join(f"x{op}{b}" for op, b in ops) + "?"
     steps, value = [], x0
     for op, b in ops:
         new = apply_op(value, op, b, modulus)
         steps.append(f"{value}{op}{b}={new}" if step_style == "full" else f"{op}{b}={new}")
         value = new
+    # A redundant step restates the value ("9=9"). It has no operator on purpose: as
+    # "9+0=9" it taught a 0.1M-param model that "+" often changes nothing, and its "+"
+    # steps went 35% wrong (CoT 100% -> 47%).
+    steps += [f"{value}={value}" if step_style == "full" else f"={value}"] * noop_steps
     return Record(question, tuple(steps), str(value), id=rid)
 
 
@@ -134,14 +148,20 @@ def solve_question(question: str, modulus: int, step_style: str = "full") -> Rec
     return make_record(int(m.group(1)), ops, modulus, step_style=step_style)
 
 
-def _draw(task: SyntheticTask, rng: np.random.Generator, n: int) -> list[tuple[int, list[tuple[str, int]]]]:
+def _draw(task: SyntheticTask, rng: np.random.Generator, n: int
+          ) -> list[tuple[int, list[tuple[str, int]], int]]:
+    """n problems as (start, ops, redundant steps)."""
     k_max = task.max_steps
     x0 = rng.integers(0, task.modulus, size=n)
     lengths = rng.integers(task.min_steps, task.max_steps + 1, size=n)
     op_idx = rng.integers(0, len(task.operators), size=(n, k_max))
     operands = rng.integers(task.operand_min, task.operand_max + 1, size=(n, k_max))
+    # Drawn last and only when asked, so tasks without no-ops keep their exact data.
+    noops = (rng.integers(0, task.max_noop_steps + 1, size=n) if task.max_noop_steps
+             else np.zeros(n, int))
     return [
-        (int(x0[i]), [(task.operators[op_idx[i, j]], int(operands[i, j])) for j in range(lengths[i])])
+        (int(x0[i]), [(task.operators[op_idx[i, j]], int(operands[i, j])) for j in range(lengths[i])],
+         int(noops[i]))
         for i in range(n)
     ]
 
@@ -155,9 +175,9 @@ def generate_splits(task: SyntheticTask) -> dict[str, list[Record]]:
         rng = np.random.default_rng([task.seed, split_idx])
         records: list[Record] = []
         while len(records) < sizes[split]:
-            for x0, ops in _draw(task, rng, max(64, sizes[split] - len(records))):
+            for x0, ops, noops in _draw(task, rng, max(64, sizes[split] - len(records))):
                 rec = make_record(x0, ops, task.modulus, rid=f"synthetic:{split}:{len(records)}",
-                                  step_style=task.step_style)
+                                  step_style=task.step_style, noop_steps=noops)
                 if rec.question in seen:
                     continue
                 seen.add(rec.question)
