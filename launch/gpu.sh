@@ -16,7 +16,7 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 # Decode-heavy runs (evaluate, train_rl): at small batch XLA's dot merger concatenates
 # each layer's gate/up weights on every decode step and Triton GEMMs copy the layer's
 # weight slice out of the scanned stack. Measured on an H200 (BUILD_NOTES "Benchmarks"):
-# both off makes batch-1 decoding 1.37x faster, but a train step 6% slower, so it is on
+# both off makes batch-1 decoding 1.37x faster, but a train step 3% slower, so it is on
 # only for those entry points; DECODE_FLAGS=1 / 0 forces it on / off.
 case "${DECODE_FLAGS:-auto}:$*" in
   1:* | auto:*colar_jax.evaluate* | auto:*colar_jax.train_rl* | auto:*bench/rollout.py*)
