@@ -100,5 +100,11 @@ def test_redundant_noop_steps_follow_the_real_chain():
         assert n.steps[: len(p.steps)] == p.steps
         assert all(s == f"{p.answer}={p.answer}" for s in n.steps[len(p.steps):])
     assert SyntheticTask.from_options({"max_noop_steps": "3"}).max_noop_steps == 3
+    rare = dataclasses.replace(task, noop_percent=20, test_size=400, train_size=300)
+    assert rare.config_name().endswith("_noop2p20")
+    tails = [len(r.steps) - 4 for r in generate_splits(rare)["test"]]
+    assert set(tails) == {0, 1, 2} and 0.05 < sum(t > 0 for t in tails) / len(tails) < 0.25
+    with pytest.raises(ValueError, match="noop_percent"):
+        SyntheticTask(max_noop_steps=1, noop_percent=101)
     with pytest.raises(ValueError, match="max_noop_steps"):
         SyntheticTask(max_noop_steps=-1)

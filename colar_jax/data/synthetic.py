@@ -55,10 +55,13 @@ class SyntheticTask:
     # result, already in the chain), one token shorter and one digit fewer per step.
     step_style: str = "full"
     max_noop_steps: int = 0  # redundant "9=9" steps appended to a chain: 0..k, uniform
+    noop_percent: int = 100  # ...and kept on this percent of problems (the rest get none)
 
     def __post_init__(self) -> None:
         if self.max_noop_steps < 0:
             raise ValueError(f"max_noop_steps must be >= 0, got {self.max_noop_steps}")
+        if not 0 <= self.noop_percent <= 100:
+            raise ValueError(f"noop_percent must be in 0..100, got {self.noop_percent}")
         if self.step_style not in STEP_STYLES:
             raise ValueError(f"step_style must be one of {STEP_STYLES}, got {self.step_style!r}")
         if not 1 <= self.min_steps <= self.max_steps:
@@ -92,6 +95,7 @@ class SyntheticTask:
             f"_m{self.modulus}_n{self.train_size}-{self.val_size}-{self.test_size}_seed{self.seed}"
             + ("" if self.step_style == "full" else f"_{self.step_style}")  # older names unchanged
             + (f"_noop{self.max_noop_steps}" if self.max_noop_steps else "")
+            + (f"p{self.noop_percent}" if self.max_noop_steps and self.noop_percent != 100 else "")
         )
 
     def split_sizes(self) -> dict[str, int]:
@@ -159,6 +163,8 @@ def _draw(task: SyntheticTask, rng: np.random.Generator, n: int
     # Drawn last and only when asked, so tasks without no-ops keep their exact data.
     noops = (rng.integers(0, task.max_noop_steps + 1, size=n) if task.max_noop_steps
              else np.zeros(n, int))
+    if task.max_noop_steps and task.noop_percent < 100:
+        noops = np.where(rng.integers(0, 100, size=n) < task.noop_percent, noops, 0)
     return [
         (int(x0[i]), [(task.operators[op_idx[i, j]], int(operands[i, j])) for j in range(lengths[i])],
          int(noops[i]))
