@@ -7,8 +7,8 @@ the requested number of steps: CoT decodes ``cot_len + answer`` tokens, CoLaR-c
 runs ``ceil(cot_len / c)`` latent steps + ``answer`` tokens. The #L ratio is
 therefore exactly c-ish, and the wall-clock ratio measured here is what the
 compression buys. At batch 1 each step is compared with the roofline
-``parameter bytes / memory bandwidth`` (vendor bandwidth on known accelerators,
-a streaming copy measured in this run; the vendor's figure beside it). Prints ratios; asserts nothing.
+``parameter bytes / memory bandwidth`` (a streaming copy measured in this run; on
+known accelerators also the vendor's figure). Prints ratios; asserts nothing.
 """
 
 from __future__ import annotations
@@ -77,16 +77,15 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1, mc.vocab_size, (bsz, a.prompt)), jnp.int32)
     mask = jnp.ones_like(ids, bool)
-    prof_root = f"{a.profile}/b{bsz}_" if a.profile and bsz == 1 else ""
-    prof = lambda name, root=prof_root: root + name if root else ""
-    t_cot = timed(graphdef, state, ids, mask, cot_cfg, a.reps, prof("cot"))
+    prof = f"{a.profile}/b{bsz}_" if a.profile and bsz == 1 else ""  # trace dir prefix
+    t_cot = timed(graphdef, state, ids, mask, cot_cfg, a.reps, prof and prof + "cot")
     print(f"batch {bsz:4d}  CoT  #L={a.cot_len:3d}  {t_cot*1e3:8.1f} ms  "
           f"{bsz / t_cot:8.1f} questions/s")
     for cf in [int(x) for x in a.c.split(",")]:
       n_lat = -(-a.cot_len // cf)
       cfg = RolloutConfig(latent_mode="sampled", max_latent_steps=n_lat,
                           max_new_tokens=a.answer, **base)
-      t = timed(graphdef, state, ids, mask, cfg, a.reps, prof(f"colar{cf}"))
+      t = timed(graphdef, state, ids, mask, cfg, a.reps, prof and f"{prof}colar{cf}")
       ratio_l = (a.cot_len + a.answer) / (n_lat + 1 + a.answer)
       print(f"batch {bsz:4d}  CoLaR-{cf} #L={n_lat:3d}  {t*1e3:8.1f} ms  "
             f"{bsz / t:8.1f} questions/s  speedup vs CoT {t_cot / t:5.2f}x  "

@@ -75,56 +75,58 @@ def main() -> None:
         f"params {n_params/1e6:.1f}M (trainable {n_train/1e6:.2f}M)  dtype {a.dtype}  "
         f"method {a.method} c={c_eff}  attention {a.attention or 'xla'}")
   print(pk.describe())
-  for b in [int(x) for x in a.batch.split(",")]:
-    state = bench_batch(a, b, c_eff, mc, n_params, step, state, frozen, mesh, rules, pk)
 
+  def bench_batch(b: int, state):
+    """Compiles and times the step at batch ``b``; returns the advanced state."""
+    rng = np.random.default_rng(0)
+    v = mc.vocab_size
+    ones = lambda n: np.ones((b, n), np.int32)
+    batch = dict(question_ids=rng.integers(1, v, (b, a.question)).astype(np.int32),
+                 question_mask=ones(a.question),
+                 steps_ids=rng.integers(1, v, (b, a.chain)).astype(np.int32),
+                 steps_mask=ones(a.chain),
+                 answer_ids=rng.integers(1, v, (b, a.answer)).astype(np.int32),
+                 answer_mask=ones(a.answer))
+    batch = ts.put_batch(batch, mesh, rules)
 
-def bench_batch(a, b, c_eff, mc, n_params, step, state, frozen, mesh, rules, pk):
-  rng = np.random.default_rng(0)
-  v = mc.vocab_size
-  ones = lambda n: np.ones((b, n), np.int32)
-  batch = dict(question_ids=rng.integers(1, v, (b, a.question)).astype(np.int32),
-               question_mask=ones(a.question),
-               steps_ids=rng.integers(1, v, (b, a.chain)).astype(np.int32),
-               steps_mask=ones(a.chain),
-               answer_ids=rng.integers(1, v, (b, a.answer)).astype(np.int32),
-               answer_mask=ones(a.answer))
-  batch = ts.put_batch(batch, mesh, rules)
-
-  t0 = time.perf_counter()
-  compiled = step.lower(state, frozen, batch, method=a.method, c=c_eff).compile()
-  compile_s = time.perf_counter() - t0
-  xla_flops = None
-  try:
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    xla_flops = float(ca.get("flops", 0.0)) or None
-  except Exception:  # cost analysis is best effort per backend
-    pass
-  state, m = compiled(state, frozen, batch)
-  jax.block_until_ready(m["loss"])
-  t = time.perf_counter()
-  for _ in range(a.steps):
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch, method=a.method, c=c_eff).compile()
+    compile_s = time.perf_counter() - t0
+    xla_flops = None
+    try:
+      ca = compiled.cost_analysis()
+      ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+      xla_flops = float(ca.get("flops", 0.0)) or None
+    except Exception:  # cost analysis is best effort per backend
+      pass
     state, m = compiled(state, frozen, batch)
-  jax.block_until_ready(m["loss"])
-  dt = (time.perf_counter() - t) / a.steps
+    jax.block_until_ready(m["loss"])
+    t = time.perf_counter()
+    for _ in range(a.steps):
+      state, m = compiled(state, frozen, batch)
+    jax.block_until_ready(m["loss"])
+    dt = (time.perf_counter() - t) / a.steps
 
-  seq = a.question + -(-(a.chain) // c_eff) + 1 + a.answer  # positions actually processed
-  tokens = b * seq
-  # Causal attention: QK^T and AV over half the square, x3 for forward + backward.
-  attn = 6 * mc.num_layers * b * seq * seq * mc.num_heads * mc.head_dim
-  model_flops = (4 if a.lora else 6) * n_params * tokens + attn  # LoRA: no base weight grads
-  achieved = model_flops / dt / 1e12
-  mfu = f"MFU {achieved / pk.measured_tflops:.1%} of measured"
-  if pk.vendor_tflops:
-    mfu += f", {achieved / pk.vendor_tflops:.1%} of vendor"
-  xla = f"{xla_flops:.3e}" if xla_flops else "n/a"
-  print(f"batch {b:4d} x {seq} positions (chain {a.chain} -> {-(-a.chain // c_eff)})  "
-        f"compile {compile_s:.1f}s  step {dt*1e3:.1f} ms  {tokens/dt:,.0f} tokens/s  "
-        f"loss {float(m['loss']):.3f}")
-  print(f"           model FLOPs/step {model_flops:.3e} (XLA-counted {xla})  "
-        f"{achieved:.3f} TFLOP/s  {mfu}  peak memory {common.peak_memory_gb():.2f} GB")
-  return state
+    latents = -(-a.chain // c_eff)
+    seq = a.question + latents + 1 + a.answer  # positions actually processed
+    tokens = b * seq
+    # Causal attention: QK^T and AV over half the square, x3 for forward + backward.
+    attn = 6 * mc.num_layers * b * seq * seq * mc.num_heads * mc.head_dim
+    model_flops = (4 if a.lora else 6) * n_params * tokens + attn  # LoRA: no base weight grads
+    achieved = model_flops / dt / 1e12
+    mfu = f"MFU {achieved / pk.measured_tflops:.1%} of measured"
+    if pk.vendor_tflops:
+      mfu += f", {achieved / pk.vendor_tflops:.1%} of vendor"
+    xla = f"{xla_flops:.3e}" if xla_flops else "n/a"
+    print(f"batch {b:4d} x {seq} positions (chain {a.chain} -> {latents})  "
+          f"compile {compile_s:.1f}s  step {dt*1e3:.1f} ms  {tokens/dt:,.0f} tokens/s  "
+          f"loss {float(m['loss']):.3f}")
+    print(f"           model FLOPs/step {model_flops:.3e} (XLA-counted {xla})  "
+          f"{achieved:.3f} TFLOP/s  {mfu}  peak memory {common.peak_memory_gb():.2f} GB")
+    return state
+
+  for b in [int(x) for x in a.batch.split(",")]:
+    state = bench_batch(b, state)
 
 
 if __name__ == "__main__":

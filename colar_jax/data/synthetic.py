@@ -14,8 +14,9 @@ steps are short and perfectly regular (5 characters, 6 with the newline joiner),
 latent compression factors map cleanly onto whole steps; and it is generated in
 milliseconds, deterministically from a seed, with no file on disk.
 
-``max_noop_steps`` > 0 appends 0..k redundant steps restating the value (``9=9``) to a chain (drawn uniformly per
-problem; the question and answer are unchanged): reasoning that a shorter chain can drop.
+``max_noop_steps`` > 0 appends 0..k redundant steps restating the value (``9=9``) to a
+chain (uniform per problem, kept on ``noop_percent``% of problems; question and answer
+unchanged): reasoning that a shorter chain can drop.
 The SFT model learns to stop after a random number of them, which gives GRPO's length
 reward something to remove (every sample of a group is otherwise correct and equally long).
 
