@@ -76,6 +76,7 @@ def base_config() -> mlc.ConfigDict:
   c.data.speed_template = "(Thinking speed: {})"
   c.data.thinking_separator = "###"
   c.data.step_joiner = "\n"  # between reasoning steps in the chain text
+  c.data.steps_template = "{}"  # around the joined steps ("{}\n": a trailing joiner)
   c.data.answer_template = "Answer:{}"
   c.data.question_buckets = (32, 64, 128, 256)
   c.data.steps_buckets = (16, 32, 64, 128, 256)
@@ -94,6 +95,10 @@ def base_config() -> mlc.ConfigDict:
   c.colar.embed_modeling_weight = 1.0
   c.colar.entropy_weight = 0.0
   c.colar.pred_embed_forward_weight = 0.0
+  # Latent loss at the LAST compressed position (target: the answer's first embedding),
+  # as the reference. Inference never uses that prediction (the end-of-thinking draw
+  # comes first); False drops it, which matters when a chain may stop or go on there.
+  c.colar.end_latent_loss = True
 
   # Table-1 baselines (colar_jax/baselines). Stage of an epoch (iCoT / Coconut):
   # min(max_stage, start_stage + epoch // epochs_per_stage); at max_stage no step is left.

@@ -12,22 +12,35 @@ modular-arithmetic chain task (``colar_jax/data/synthetic.py``); its data lives 
 ``<workdir>/../data``, shared by all phases. ``init_from`` defaults to the sibling phase
 under ``runs/demo/`` (the demo sets it to ``<its workdir>/<phase>``).
 
-Why these settings (measured on the 2-core CPU; see also the results of a full run in
-``<workdir>/results.md``):
+Why these settings (measured on the 2-core CPU; BUILD_NOTES "Embedded default" has the
+runs behind them, and ``<workdir>/results.md`` the results of a full run):
   * task: 4 steps of ``a op b=c`` mod 10, operands 1..9, operators ``+`` and ``*`` only.
     With ``-`` in the mix a compressed block (a SUM of c token embeddings, i.e. a bag)
     can not tell ``6-2`` from ``2-6``; from c=3 on two digits share a block and the
     tiny model stayed at chance (CoLaR c=3/5: 12-16% after 2,000 steps) while the same
     budget reaches ~50% with commutative operators. No-CoT stays low (~15%).
+  * every step ends with ``\n`` (``2*3=6\n``, a 6-token period that c=2 and c=3
+    divide, so their latents cut every step at the same places), and half the chains
+    end with one redundant step restating the value (``1=1\n``, 4 tokens): the real
+    chain is 24 tokens and the tail a whole number of c=2 blocks, so at c=2 the choice
+    between stopping and going on is the end-of-thinking token draw after latent 12 (a
+    ~50/50 categorical the SFT model learns), which gives GRPO's length reward a real
+    choice. Without the tail every chain has one length and 95-100% of GRPO's groups
+    carried no signal.
+  * ``colar.end_latent_loss=False``: the latent head is not trained at a chain's last
+    position (inference never uses that prediction). Trained there (the reference), its
+    target is the separator's embedding on stopping chains and the tail on the others,
+    and the blend it learns sent the rollouts that go on off the chain (c=2: 57% vs 98%
+    after stopping; 78% overall vs 99.7% without it).
   * short templates (``x=2;x*3;x+2;x*8;x+7? c=2###``, answer ``###A:9``): the
     reference's English boiler-plate is ~55 characters a char-level model attends over
-    at every step for nothing; question, chain and answer fit buckets of 24/24/8.
-  * model d=64, 2 layers (0.1M params), batch 16, AdamW 2e-3 constant: on 2 cores the
-    bottleneck is the NUMBER of updates (the latent head must become precise enough
-    that its own predictions do not drift); d=128 x 3 layers at batch 32-64 learns CoT
-    but leaves CoLaR at chance for c >= 2 within the budget.
-  * the CoT chain is 23 tokens; a CoLaR-c latent covers c of them, so #L is ~23/c
-    (12 at c=2, 5 at c=5: ratios 0.52 and 0.22 by construction).
+    at every step for nothing.
+  * model d=64, 2 layers (0.1M params), batch 16, AdamW 2e-3: on 2 cores the bottleneck
+    is the NUMBER of updates (the latent head must become precise enough that its own
+    predictions do not drift); d=128 x 3 layers at batch 32-64 learns CoT but leaves
+    CoLaR at chance for c >= 2 within the budget.
+  * CoT #L is 24 or 28 tokens; a CoLaR-c latent covers c of them (c=2: 12 or 14
+    latents, ratio ~0.51; c=5: 5 or 6, ~0.21).
   * CoLaR, No-CoT and Coconut start from the CoT run (as the paper's CoLaR; for the
     baselines it is the strongest start this budget allows), GRPO from CoLaR.
 """
@@ -70,17 +83,20 @@ def _common():
   # only, so a compressed block (a SUM of c token embeddings) determines its step's
   # result whatever the order inside it ("6-2" and "2-6" would give the same latent).
   c.data.dataset = "synthetic"
+  # max_noop_steps=1: half the chains end with a redundant "1=1" step (see the docstring).
   c.data.synthetic = dict(num_steps=4, operators="+*", modulus=10, train_size=20000,
-                          val_size=500, test_size=500, seed=1234)
+                          val_size=500, test_size=500, seed=1234, max_noop_steps=1)
   c.data.question_template = "{}"
   c.data.speed_template = " c={}"
   c.data.answer_template = "A:{}"
-  # Steps joined by "\n": a 6-token period ("2*3=6\n") that c=2 and c=3 divide, so their
-  # latents cut every step at the same places (with 5-token steps c=2/3 drifted off
-  # the chain at inference unless trained on their own predictions, 1.6x the cost).
+  # Every step ends with "\n": a 6-token period ("2*3=6\n") that c=2 and c=3 divide, so
+  # their latents cut every step at the same places (with 5-token steps c=2/3 drifted
+  # off the chain at inference unless trained on their own predictions, 1.6x the cost).
+  # The trailing one after the last step makes the real chain 24 tokens, 12 c=2 blocks.
   c.data.step_joiner = "\n"
+  c.data.steps_template = "{}\n"
   c.data.question_buckets = (24, 32)
-  c.data.steps_buckets = (24, 32)
+  c.data.steps_buckets = (32,)  # "###" + 24 or 28 chain tokens
   c.data.answer_buckets = (8, 16)
   c.data.batch_size = 16
   c.data.eval_batch_size = 500
@@ -97,7 +113,7 @@ def _common():
   c.train.keep_last = 1
   c.train.keep_best = 0
   c.train.monitor = "val/loss"
-  # Decoding: a CoT answer holds the whole chain (23 tokens, then ###A:d and EOS).
+  # Decoding: a CoT answer holds the whole chain (<= 28 tokens, then ###A:d and EOS).
   c.rollout.max_latent_steps = 32
   c.rollout.max_new_tokens = 40
   return c
@@ -139,11 +155,12 @@ def get_config(arg: str = "cot"):
     c.train.num_steps = 600  # converged (train loss ~1e-3) by ~500 steps
   elif phase in ("colar", "rl"):
     c.method = "colar"
-    # The evaluated factors, one drawn per batch, c=5 in 6 of 9 batches: a c=5
+    # The evaluated factors, one drawn per batch, c=5 in 6 of 10 batches: a c=5
     # latent holds a whole step and needs by far the most updates (c=5 alone reaches
-    # 86%; drawn uniformly 31-39% in this budget), c=2 still gets ~400 batches.
+    # 86%; drawn uniformly 31-39% in this budget); c=2 (GRPO's factor) gets 2 of 10.
     c.colar.max_compression_factor = "1,2,3,5"
-    c.colar.factor_weights = "1,1,1,6"
+    c.colar.factor_weights = "1,2,1,6"
+    c.colar.end_latent_loss = False  # see the docstring
     # The latent scale: std of the CoT run's TRAINED embedding matrix (the reference
     # hard-codes it per pretrained model). A from-scratch CoT run measures ~0.11; its
     # init-time value (~0.02), which init_from would inherit, inflates the normalised
@@ -151,17 +168,20 @@ def get_config(arg: str = "cot"):
     c.model.embed_std = 0.11
     c.rollout.max_new_tokens = 8  # "A:d" + EOS after the separator
     if phase == "colar":
-      c.train.num_steps = 3600
+      c.train.num_steps = 4000
       # Cosine decay: with a constant 2e-3 the last iterate wandered between factors
       # (one run good at c=2 and bad at c=3, the next the reverse).
       c.optim.schedule = "cosine"
     else:
-      c.train.num_steps = 20
-      c.rl.compression_factor = 5
+      # GRPO at c=2, where stopping after the 12th latent or going on is the sampled
+      # end-of-thinking token; every sample of a group is right, so the length-aware
+      # reward (correct / #L) alone separates them and GRPO learns to drop the tail.
+      c.train.num_steps = 40
+      c.rl.compression_factor = 2
       c.rl.questions_per_step = 16
       c.rl.group_size = 8
       c.rl.exp_batch_size = 64
-      c.rl.lr = 3e-5
+      c.rl.lr = 1e-4  # 3e-5: the same direction, a third of the length change in 20 steps
       c.rl.punish_latent_length = True
       c.rl.eval_at_start = False
   elif phase == "nocot":

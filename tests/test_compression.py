@@ -197,3 +197,22 @@ def test_colar_loss_all_terms_finite_with_grads(tiny_model: CoLaRModel, kind: st
   g = nnx.to_pure_dict(grads)
   assert float(jnp.abs(g["latent_head"]["mean"]["kernel"]).sum()) > 0
   assert float(jnp.abs(g["lm"]["embed"]["embedding"]).sum()) > 0
+
+
+def test_end_latent_loss_off_ignores_the_answer_embedding(tiny_model: CoLaRModel) -> None:
+  """The last compressed position's latent target is the answer's first embedding; with
+  ``end_latent_loss`` off, changing that token leaves the latent loss unchanged (and on,
+  it does not: the switch really removes that one position)."""
+  batch = {k: jnp.asarray(v) for k, v in sft_batch(np.random.default_rng(5)).items()}
+  other = dict(batch, answer_ids=batch["answer_ids"].at[:, 0].set(SEP + 1))
+  graphdef, state = nnx.split(tiny_model)
+
+  def em(cfg, b):
+    _, m = losses.colar_sft_loss(nnx.merge(graphdef, state), b, jax.random.key(2), c=2,
+                                 cfg=cfg)
+    return float(m["embed_modeling_loss"]), float(m["ce_loss"])
+
+  on, off = losses.LossConfig(), losses.LossConfig(end_latent_loss=False)
+  assert em(on, batch)[0] != pytest.approx(em(on, other)[0], rel=1e-4)
+  assert em(off, batch)[0] == pytest.approx(em(off, other)[0], rel=1e-6)
+  assert em(off, batch)[1] != pytest.approx(em(off, other)[1], rel=1e-4)  # CE still sees it

@@ -158,6 +158,8 @@ def test_templates_from_run_config_carry_the_step_joiner():
     t = PromptTemplates.from_run_config(c)
     assert t.steps_text(["2*3=6", "6+2=8"]) == "###2*3=66+2=8"
     assert (t.question, t.answer) == (c.data.question_template, c.data.answer_template)
-    old = ConfigDict(c.to_dict())  # a config saved before step_joiner existed
-    del old.data["step_joiner"]
+    c.data.steps_template = "{};"  # a trailing terminator after the last step too
+    assert PromptTemplates.from_run_config(c).steps_text(["a", "b"]) == "###ab;"
+    old = ConfigDict(c.to_dict())  # a config saved before step_joiner / steps_template
+    del old.data["step_joiner"], old.data["steps_template"]
     assert PromptTemplates.from_run_config(old).steps_text(["a", "b"]) == "###a\nb"

@@ -85,12 +85,12 @@ class PromptTemplates:
     def from_run_config(cls, c: Any) -> PromptTemplates:
         """From a run config's ``data.*_template`` / ``thinking_separator`` / ``step_joiner``.
 
-        ``step_joiner`` is read with a default: configs saved before it existed joined
-        steps with a newline."""
+        ``step_joiner`` and ``steps_template`` are read with defaults: configs saved before
+        they existed joined steps with a newline and added nothing around them."""
         d = c.data
         return cls(question=d.question_template, speed=d.speed_template,
                    separator=d.thinking_separator, answer=d.answer_template,
-                   step_joiner=d.get("step_joiner", "\n"))
+                   steps=d.get("steps_template", "{}"), step_joiner=d.get("step_joiner", "\n"))
 
     @property
     def answer_prefix(self) -> str:
