@@ -44,12 +44,11 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from colar_jax import checkpointing, configlib
 from colar_jax import rl_experience as rlx
 from colar_jax import sharding as shd
 from colar_jax import train_sft
 from colar_jax import train_state as ts
-from colar_jax.metrics import MetricWriter, Progress
+from colar_jax.metrics import Progress
 from colar_jax.rollout import RolloutConfig
 
 NonFiniteLossError = train_sft.NonFiniteLossError
@@ -112,11 +111,6 @@ def rl_optimizer(c: mlc.ConfigDict, num_updates: int):
   optim = mlc.ConfigDict(c.optim.to_dict())
   optim.lr = float(c.rl.lr)
   return ts.make_optimizer(optim, num_updates)
-
-
-def init_embed_std(c: mlc.ConfigDict, model: Any) -> float:
-  """The SFT run's ``embed_std`` (the latent head's scale must not change), else SFT's rule."""
-  return train_sft.resolve_embed_std(c, model)
 
 
 def local_rows(x: jax.Array, mesh: Any, rules: Any) -> np.ndarray:
@@ -239,36 +233,19 @@ def train(c: mlc.ConfigDict, workdir: str, *, score_fn: ScoreFn | None = None
   n_updates = (n_samples // rl.exp_batch_size) * rl.ppo_epochs
   tx = rl_optimizer(c, num_steps * n_updates)
   shardings = ts.state_shardings(tx, params, p_shard, mesh)
-  ckpt = checkpointing.Checkpointer(
-      os.path.join(workdir, checkpointing.CKPT_SUBDIR), keep_last=c.train.keep_last,
-      keep_best=c.train.keep_best, monitor=c.train.monitor)
-  writer = MetricWriter(workdir)
   ref_params = params if rl.kl_weight else None  # frozen SFT policy (state gets a copy)
-  latest = ckpt.latest_step()
-  data_state = None
-  if latest is None:
-    embed_std = init_embed_std(c, model)
-    state = ts.init_train_state(params, tx, int(c.seed), shardings)
-    writer.truncate_after(0)
-  else:
-    state, data_state, meta = ckpt.restore(latest, ts.abstract_train_state(params, tx,
-                                                                           shardings))
-    embed_std = float(meta["embed_std"])
-    writer.truncate_after(latest)
-    logging.info("resumed from %s/%d", ckpt.directory, latest)
+  run = train_sft.start_run(c, workdir, model, params, tx, shardings)
+  ckpt, writer, state, embed_std, latest = (run.ckpt, run.writer, run.state, run.embed_std,
+                                            run.latest)
   del model, params
-  checkpointing.save_run_config(c, workdir)
   from colar_jax.data import prompts
   tok = data.tokenizer
   rcfg = RolloutConfig.from_config(
       c.rollout, separator_id=prompts.separator_id(tok, data.templates),
       eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, embed_std=embed_std)
   update = rlx.compile_update(graphdef, tx, rl, rcfg, shardings, mesh, rules)
-  meta = dict(embed_std=embed_std, base=base, tokenizer_dir=data.tokenizer_dir,
-              method=c.method, stage="rl", trainable="lora+latent_head"
-              if configlib.model_config(c).lora_rank > 0 else "all",
-              config=checkpointing.config_to_dict(c))
-  it = make_rl_pipeline(c, data, data.train_source).iterator(data_state or None)
+  meta = train_sft.run_meta(c, run, data, base, stage="rl")
+  it = make_rl_pipeline(c, data, data.train_source).iterator(run.data_state or None)
   step = int(latest or 0)
   progress = Progress(num_steps, step, bool(c.train.progress))
   n_q, g = int(c.rl.questions_per_step), rl.group_size

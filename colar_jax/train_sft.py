@@ -262,6 +262,52 @@ def resolve_embed_std(c: mlc.ConfigDict, model: Any) -> float:
   return ts.embed_std_of(model)
 
 
+@dataclasses.dataclass
+class RunStart:
+  """What both trainers (SFT here, GRPO in ``train_rl``) start their loop from."""
+
+  ckpt: checkpointing.Checkpointer
+  writer: MetricWriter
+  state: ts.TrainState
+  data_state: Any  # the data iterator's saved position (None on a fresh run)
+  embed_std: float
+  latest: int | None  # the step resumed from (None on a fresh run)
+
+
+def start_run(c: mlc.ConfigDict, workdir: str, model: Any, params: Any, tx: Any,
+              shardings: Any) -> RunStart:
+  """Opens the checkpoint manager and metric log of ``workdir`` and resumes from its
+  latest checkpoint (state, data position, ``embed_std``; later log lines dropped), or
+  starts fresh (``embed_std`` from :func:`resolve_embed_std`). Saves the run config."""
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, checkpointing.CKPT_SUBDIR), keep_last=c.train.keep_last,
+      keep_best=c.train.keep_best, monitor=c.train.monitor)
+  writer = MetricWriter(workdir)
+  latest = ckpt.latest_step()
+  data_state = None
+  if latest is None:
+    embed_std = resolve_embed_std(c, model)
+    state = ts.init_train_state(params, tx, int(c.seed), shardings)
+    writer.truncate_after(0)
+  else:
+    state, data_state, meta = ckpt.restore(latest, ts.abstract_train_state(params, tx,
+                                                                           shardings))
+    embed_std = float(meta["embed_std"])
+    writer.truncate_after(latest)
+    logging.info("resumed from %s/%d", ckpt.directory, latest)
+  checkpointing.save_run_config(c, workdir)
+  return RunStart(ckpt, writer, state, data_state, embed_std, latest)
+
+
+def run_meta(c: mlc.ConfigDict, run: RunStart, data: Data, base: Any, **extra: Any
+             ) -> dict[str, Any]:
+  """The ``meta`` item saved with every checkpoint (what ``load_run`` rebuilds from)."""
+  trainable = "lora+latent_head" if configlib.model_config(c).lora_rank > 0 else "all"
+  return dict(embed_std=run.embed_std, base=base, tokenizer_dir=data.tokenizer_dir,
+              method=c.method, **extra, trainable=trainable,
+              config=checkpointing.config_to_dict(c))
+
+
 def _host_batch(it: Iterator[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], int, float]:
   batch = dict(next(it))
   cf = int(batch["compression_factor"][0])
@@ -282,34 +328,17 @@ def train(c: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   num_steps, accum = int(c.train.num_steps), max(1, int(c.optim.grad_accum))
   tx = ts.make_optimizer(c.optim, num_steps)
   shardings = ts.state_shardings(tx, params, p_shard, mesh)
-  ckpt = checkpointing.Checkpointer(
-      os.path.join(workdir, checkpointing.CKPT_SUBDIR), keep_last=c.train.keep_last,
-      keep_best=c.train.keep_best, monitor=c.train.monitor)
-  writer = MetricWriter(workdir)
-  latest = ckpt.latest_step()
-  data_state = None
-  if latest is None:
-    embed_std = resolve_embed_std(c, model)
-    state = ts.init_train_state(params, tx, int(c.seed), shardings)
-    writer.truncate_after(0)
-  else:
-    state, data_state, meta = ckpt.restore(
-        latest, ts.abstract_train_state(params, tx, shardings))
-    embed_std = float(meta["embed_std"])
-    writer.truncate_after(latest)
-    logging.info("resumed from %s/%d", ckpt.directory, latest)
+  run = start_run(c, workdir, model, params, tx, shardings)
+  ckpt, writer, state, embed_std, latest = (run.ckpt, run.writer, run.state, run.embed_std,
+                                            run.latest)
   del model, params
-  checkpointing.save_run_config(c, workdir)
   loss_cfg = LossConfig.from_config(c, embed_std)
   train_fn, eval_fn = ts.compile_steps(graphdef, tx, loss_cfg, shardings)
   ctx = Ctx(c, mesh, rules, graphdef, frozen, data, loss_cfg, eval_fn, embed_std)
-  meta = dict(embed_std=embed_std, base=base, tokenizer_dir=data.tokenizer_dir,
-              method=c.method, trainable="lora+latent_head"
-              if configlib.model_config(c).lora_rank > 0 else "all",
-              config=checkpointing.config_to_dict(c))
+  meta = run_meta(c, run, data, base)
   schedule = ts.lr_schedule(c.optim, num_steps)
   kill_at = int(os.environ.get(KILL_ENV, "-1"))
-  it = data.train.iterator(data_state or None)
+  it = data.train.iterator(run.data_state or None)
   step = int(jax.device_get(state.step)) // accum
   progress = Progress(num_steps, step, bool(c.train.progress))
   pending: list[tuple[int, list[Any], dict[str, float]]] = []
