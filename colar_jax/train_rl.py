@@ -235,8 +235,7 @@ def train(c: mlc.ConfigDict, workdir: str, *, score_fn: ScoreFn | None = None
   shardings = ts.state_shardings(tx, params, p_shard, mesh)
   ref_params = params if rl.kl_weight else None  # frozen SFT policy (state gets a copy)
   run = train_sft.start_run(c, workdir, model, params, tx, shardings)
-  ckpt, writer, state, embed_std, latest = (run.ckpt, run.writer, run.state, run.embed_std,
-                                            run.latest)
+  writer, state, embed_std, latest = run.writer, run.state, run.embed_std, run.latest
   del model, params
   from colar_jax.data import prompts
   tok = data.tokenizer
@@ -251,13 +250,10 @@ def train(c: mlc.ConfigDict, workdir: str, *, score_fn: ScoreFn | None = None
   n_q, g = int(c.rl.questions_per_step), rl.group_size
   prefix = data.templates.answer_prefix
   last: dict[str, Any] = {}
-  last_saved = latest
 
   def evaluate_now() -> dict[str, float]:
     val = validate(c, data, ts.merge_model(graphdef, state.params, frozen), rcfg, embed_std)
-    writer.write_lines([dict(val, kind="val", step=step)])
-    writer.scalars(step, val)
-    logging.info("RL step %d: %s", step, val)
+    run.record_val(step, val)
     return val
 
   try:
@@ -301,7 +297,7 @@ def train(c: mlc.ConfigDict, workdir: str, *, score_fn: ScoreFn | None = None
       if not all(bool(m["finite"]) for m in ms):
         raise NonFiniteLossError(
             f"non-finite loss/update at RL step {step} (loss={rec.get('loss')}, grad_norm="
-            f"{rec.get('grad_norm')}); stopped, the last checkpoint (step {last_saved}) is "
+            f"{rec.get('grad_norm')}); stopped, the last checkpoint (step {run.last_saved}) is "
             "intact")
       if step % max(1, int(c.train.log_every)) == 0 or step == num_steps:
         progress.update(step, rec, float(a_mask.sum()))
@@ -311,13 +307,10 @@ def train(c: mlc.ConfigDict, workdir: str, *, score_fn: ScoreFn | None = None
                                                  or step == num_steps)
       val = evaluate_now() if do_eval else None
       if step % int(c.train.ckpt_every) == 0 or step == num_steps:
-        ckpt.save(step, state, data_state=it.get_state(), meta=dict(meta, step=step),
-                  metrics=val)
-        last_saved = step
+        run.save(step, state, it, meta, val)
   finally:
     progress.close()
-    ckpt.close()
-    writer.close()
+    run.close()
   return last
 
 

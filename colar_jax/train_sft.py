@@ -272,6 +272,22 @@ class RunStart:
   data_state: Any  # the data iterator's saved position (None on a fresh run)
   embed_std: float
   latest: int | None  # the step resumed from (None on a fresh run)
+  last_saved: int | None = None  # the newest checkpoint's step (named in NaN errors)
+
+  def record_val(self, step: int, val: dict[str, float]) -> None:
+    self.writer.write_lines([dict(val, kind="val", step=step)])
+    self.writer.scalars(step, val)
+    logging.info("step %d: %s", step, val)
+
+  def save(self, step: int, state: Any, it: Any, meta: dict[str, Any],
+           metrics: dict[str, float] | None) -> None:
+    self.ckpt.save(step, state, data_state=it.get_state(), meta=dict(meta, step=step),
+                   metrics=metrics)
+    self.last_saved = step
+
+  def close(self) -> None:
+    self.ckpt.close()
+    self.writer.close()
 
 
 def start_run(c: mlc.ConfigDict, workdir: str, model: Any, params: Any, tx: Any,
@@ -296,7 +312,7 @@ def start_run(c: mlc.ConfigDict, workdir: str, model: Any, params: Any, tx: Any,
     writer.truncate_after(latest)
     logging.info("resumed from %s/%d", ckpt.directory, latest)
   checkpointing.save_run_config(c, workdir)
-  return RunStart(ckpt, writer, state, data_state, embed_std, latest)
+  return RunStart(ckpt, writer, state, data_state, embed_std, latest, last_saved=latest)
 
 
 def run_meta(c: mlc.ConfigDict, run: RunStart, data: Data, base: Any, **extra: Any
@@ -329,8 +345,7 @@ def train(c: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   tx = ts.make_optimizer(c.optim, num_steps)
   shardings = ts.state_shardings(tx, params, p_shard, mesh)
   run = start_run(c, workdir, model, params, tx, shardings)
-  ckpt, writer, state, embed_std, latest = (run.ckpt, run.writer, run.state, run.embed_std,
-                                            run.latest)
+  writer, state, embed_std = run.writer, run.state, run.embed_std
   del model, params
   loss_cfg = LossConfig.from_config(c, embed_std)
   train_fn, eval_fn = ts.compile_steps(graphdef, tx, loss_cfg, shardings)
@@ -343,7 +358,6 @@ def train(c: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   progress = Progress(num_steps, step, bool(c.train.progress))
   pending: list[tuple[int, list[Any], dict[str, float]]] = []
   last: dict[str, Any] = {}
-  last_saved = latest
   tok_since = 0.0
 
   def flush() -> None:
@@ -359,7 +373,8 @@ def train(c: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.write_lines(records)
         raise NonFiniteLossError(
             f"non-finite loss/update at step {s} (loss={rec['loss']}, grad_norm="
-            f"{rec['grad_norm']}); stopped, the last checkpoint (step {last_saved}) is intact")
+            f"{rec['grad_norm']}); stopped, the last checkpoint (step {run.last_saved}) is "
+            "intact")
     writer.write_lines(records)
     pending.clear()
     if records:
@@ -392,17 +407,12 @@ def train(c: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       val = None
       if do_eval:
         val = validation_metrics(ctx, state)
-        writer.write_lines([dict(val, kind="val", step=step)])
-        writer.scalars(step, val)
-        logging.info("step %d: %s", step, val)
+        run.record_val(step, val)
       if do_save:
-        ckpt.save(step, state, data_state=it.get_state(), meta=dict(meta, step=step),
-                  metrics=val)
-        last_saved = step
+        run.save(step, state, it, meta, val)
   finally:
     progress.close()
-    ckpt.close()
-    writer.close()
+    run.close()
   return last
 
 
