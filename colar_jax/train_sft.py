@@ -264,7 +264,8 @@ def resolve_embed_std(c: mlc.ConfigDict, model: Any) -> float:
 
 @dataclasses.dataclass
 class RunStart:
-  """What both trainers (SFT here, GRPO in ``train_rl``) start their loop from."""
+  """What both trainers (SFT here, GRPO in ``train_rl``) start their loop from, and the
+  run's checkpoint / metric-log I/O during it (validation records, saves, closing)."""
 
   ckpt: checkpointing.Checkpointer
   writer: MetricWriter
