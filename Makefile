@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-all demo clean-venv
+.PHONY: venv lint format test test-all demo clean-venv
 
 venv: $(STAMP)
 
@@ -16,15 +16,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# CI's command: everything but the end-to-end demo runs marked `slow`.
-test: $(STAMP)
+# One formatter (ruff, Google style) and the layers contract (import-linter), both in CI.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# CI's command: the lint, then everything but the end-to-end runs marked `slow`.
+test: lint
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m colar_jax.demo $(DEMO_ARGS)
+	$(PY) -m colar_jax demo $(DEMO_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -14,12 +14,12 @@ import jax.numpy as jnp
 # copy), which are what a kernel can actually reach: on an H200 the measured bf16
 # matmul is ~790 TFLOP/s, the figure issue #8 states its MFU target against.
 KNOWN = {
-    "H100": (989.0, 3350.0),
-    "H200": (989.0, 4800.0),
-    "A100": (312.0, 2039.0),
-    "TPU v5p": (459.0, 2765.0),
-    "TPU v5 lite": (197.0, 819.0),
-    "TPU v4": (275.0, 1228.0),
+  "H100": (989.0, 3350.0),
+  "H200": (989.0, 4800.0),
+  "A100": (312.0, 2039.0),
+  "TPU v5p": (459.0, 2765.0),
+  "TPU v5 lite": (197.0, 819.0),
+  "TPU v4": (275.0, 1228.0),
 }
 
 
@@ -32,11 +32,15 @@ class Peaks:
   vendor_name: str = ""
 
   def describe(self) -> str:
-    s = (f"measured peaks: matmul {self.measured_tflops:.3f} TFLOP/s, "
-         f"copy {self.measured_gbs:.0f} GB/s")
+    s = (
+      f"measured peaks: matmul {self.measured_tflops:.3f} TFLOP/s, "
+      f"copy {self.measured_gbs:.0f} GB/s"
+    )
     if self.vendor_name:
-      s += (f"; vendor ({self.vendor_name}): {self.vendor_tflops:.0f} TFLOP/s bf16 dense, "
-            f"{self.vendor_gbs:.0f} GB/s")
+      s += (
+        f"; vendor ({self.vendor_name}): {self.vendor_tflops:.0f} TFLOP/s bf16 dense, "
+        f"{self.vendor_gbs:.0f} GB/s"
+      )
     return s
 
 
@@ -64,7 +68,7 @@ def measured_matmul_tflops(dtype=jnp.float32, n: int = 2048) -> float:
   a = jax.random.normal(k1, (n, n), dtype)  # random data: zeros run faster on GPUs
   b = jax.random.normal(k2, (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
-  return 2 * n ** 3 / _timeit(f, a, b, reps=10) / 1e12
+  return 2 * n**3 / _timeit(f, a, b, reps=10) / 1e12
 
 
 def measured_bandwidth_gbs(n_bytes: int = 1 << 28) -> float:
@@ -77,8 +81,10 @@ def measured_bandwidth_gbs(n_bytes: int = 1 << 28) -> float:
 def peaks(dtype=jnp.float32) -> Peaks:
   """Peaks measured now (sized for the device) plus vendor figures where known."""
   acc = on_accelerator()
-  measured = (measured_matmul_tflops(dtype, 8192 if acc else 2048),
-              measured_bandwidth_gbs(1 << 31 if acc else 1 << 28))
+  measured = (
+    measured_matmul_tflops(dtype, 8192 if acc else 2048),
+    measured_bandwidth_gbs(1 << 31 if acc else 1 << 28),
+  )
   kind = getattr(jax.devices()[0], "device_kind", "")
   for k, (tf, bw) in KNOWN.items():
     if k.lower() in kind.lower():

@@ -21,20 +21,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import common  # noqa: E402
-from colar_jax import configlib  # noqa: E402
+from colar_jax import config  # noqa: E402
+from colar_jax.decode.rollout import RolloutConfig, rollout  # noqa: E402
 from colar_jax.model import CoLaRModel  # noqa: E402
-from colar_jax.rollout import RolloutConfig, rollout  # noqa: E402
+from colar_jax.train.run import model_config  # noqa: E402
 
 
 def timed(graphdef, state, ids, mask, cfg, reps: int, profile: str = "") -> float:
   key = jax.random.key(0)
-  run = lambda k: rollout(graphdef, state, ids, mask, k, cfg, batch_buckets=None)
+
+  def run(k):
+    return rollout(graphdef, state, ids, mask, k, cfg, batch_buckets=None)
+
   jax.block_until_ready(run(key))
   t = time.perf_counter()
   for i in range(reps):
@@ -57,19 +61,24 @@ def main() -> None:
   p.add_argument("--answer", type=int, default=8)
   p.add_argument("--c", default="2,5")
   p.add_argument("--reps", type=int, default=3)
-  p.add_argument("--profile", default="",
-                 help="dir: trace one batch-1 call of each mode (bench/trace_summary.py reads it)")
+  p.add_argument(
+    "--profile",
+    default="",
+    help="dir: trace one batch-1 call of each mode (bench/trace_summary.py reads it)",
+  )
   a = p.parse_args()
 
-  c = configlib.apply_model_preset(configlib.base_config(), a.preset)
+  c = config.apply_preset(config.base_config(), a.preset)
   c.model.dtype = c.model.param_dtype = a.dtype
-  mc = configlib.model_config(c)
+  mc = model_config(config.from_config_dict(c))
   model = CoLaRModel(mc, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.lm)))
   pk = common.peaks()
-  print(f"device {common.device_name()}  preset {a.preset}  dtype {a.dtype}  params "
-        f"{param_bytes/1e6:.1f} MB")
+  print(
+    f"device {common.device_name()}  preset {a.preset}  dtype {a.dtype}  params "
+    f"{param_bytes / 1e6:.1f} MB"
+  )
   print(pk.describe())
   base = dict(separator_id=-1, eos_id=-1, embed_std=0.02, top_p=1.0)
   cot_cfg = RolloutConfig(latent_mode="none", max_new_tokens=a.cot_len + a.answer, **base)
@@ -79,27 +88,34 @@ def main() -> None:
     mask = jnp.ones_like(ids, bool)
     prof = f"{a.profile}/b{bsz}_" if a.profile and bsz == 1 else ""  # trace dir prefix
     t_cot = timed(graphdef, state, ids, mask, cot_cfg, a.reps, prof and prof + "cot")
-    print(f"batch {bsz:4d}  CoT  #L={a.cot_len:3d}  {t_cot*1e3:8.1f} ms  "
-          f"{bsz / t_cot:8.1f} questions/s")
+    print(
+      f"batch {bsz:4d}  CoT  #L={a.cot_len:3d}  {t_cot * 1e3:8.1f} ms  "
+      f"{bsz / t_cot:8.1f} questions/s"
+    )
     for cf in [int(x) for x in a.c.split(",")]:
       n_lat = -(-a.cot_len // cf)
-      cfg = RolloutConfig(latent_mode="sampled", max_latent_steps=n_lat,
-                          max_new_tokens=a.answer, **base)
+      cfg = RolloutConfig(
+        latent_mode="sampled", max_latent_steps=n_lat, max_new_tokens=a.answer, **base
+      )
       t = timed(graphdef, state, ids, mask, cfg, a.reps, prof and f"{prof}colar{cf}")
       ratio_l = (a.cot_len + a.answer) / (n_lat + 1 + a.answer)
-      print(f"batch {bsz:4d}  CoLaR-{cf} #L={n_lat:3d}  {t*1e3:8.1f} ms  "
-            f"{bsz / t:8.1f} questions/s  speedup vs CoT {t_cot / t:5.2f}x  "
-            f"step-count ratio {ratio_l:5.2f}x  efficiency {t_cot / t / ratio_l:5.2f}")
+      print(
+        f"batch {bsz:4d}  CoLaR-{cf} #L={n_lat:3d}  {t * 1e3:8.1f} ms  "
+        f"{bsz / t:8.1f} questions/s  speedup vs CoT {t_cot / t:5.2f}x  "
+        f"step-count ratio {ratio_l:5.2f}x  efficiency {t_cot / t / ratio_l:5.2f}"
+      )
       if bsz == 1:
         # Per decode step (latent or token) against the weight-streaming roofline.
         steps = n_lat + 1 + a.answer
         per_step = t / steps
         roof = param_bytes / (pk.measured_gbs * 1e9)
-        line = (f"           per step {per_step*1e6:8.1f} us  roofline {roof*1e6:8.1f} us "
-                f"at the measured copy rate ({roof / per_step:.1%} of bandwidth bound)")
+        line = (
+          f"           per step {per_step * 1e6:8.1f} us  roofline {roof * 1e6:8.1f} us "
+          f"at the measured copy rate ({roof / per_step:.1%} of bandwidth bound)"
+        )
         if pk.vendor_gbs:
           vroof = param_bytes / (pk.vendor_gbs * 1e9)
-          line += f"; {vroof*1e6:.1f} us at the vendor's ({vroof / per_step:.1%})"
+          line += f"; {vroof * 1e6:.1f} us at the vendor's ({vroof / per_step:.1%})"
         print(line)
 
 

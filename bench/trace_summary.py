@@ -57,15 +57,17 @@ def main() -> None:
     spans = [(e["ts"], e["ts"] + e.get("dur", 0.0)) for e in evs]
     wall = max(s[1] for s in spans) - min(s[0] for s in spans)
     busy = busy_time(spans)
-    print(f"{pname}: {len(evs)} events, busy {busy/1e3:.2f} ms of a "
-          f"{wall/1e3:.2f} ms span ({busy / max(wall, 1e-9):.1%})")
+    print(
+      f"{pname}: {len(evs)} events, busy {busy / 1e3:.2f} ms of a "
+      f"{wall / 1e3:.2f} ms span ({busy / max(wall, 1e-9):.1%})"
+    )
     tot = collections.Counter()
     cnt = collections.Counter()
     for e in evs:
       tot[e["name"]] += e.get("dur", 0.0)
       cnt[e["name"]] += 1
     for name, t in tot.most_common(a.top):
-      print(f"  {t/1e3:9.3f} ms  {cnt[name]:6d}x  {t/cnt[name]:8.1f} us  {name[:100]}")
+      print(f"  {t / 1e3:9.3f} ms  {cnt[name]:6d}x  {t / cnt[name]:8.1f} us  {name[:100]}")
 
 
 if __name__ == "__main__":

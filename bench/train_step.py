@@ -21,16 +21,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections as mlc  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import common  # noqa: E402
-from colar_jax import configlib, sharding as shd, train_state as ts  # noqa: E402
-from colar_jax.losses import LossConfig  # noqa: E402
+from colar_jax import config, methods  # noqa: E402
 from colar_jax.model import CoLaRModel  # noqa: E402
+from colar_jax.model import sharding as shd  # noqa: E402
+from colar_jax.train import state as ts  # noqa: E402
+from colar_jax.train.run import model_config  # noqa: E402
 
 
 def main() -> None:
@@ -50,43 +51,51 @@ def main() -> None:
   p.add_argument("--attention", default=None, help="dot_product_attention implementation")
   a = p.parse_args()
 
-  c = configlib.apply_model_preset(configlib.base_config(), a.preset)
+  c = config.apply_preset(config.base_config(), a.preset)
+  c.method = a.method
   c.model.dtype, c.model.lora_rank, c.model.remat = a.dtype, a.lora, a.remat
   c.model.param_dtype = "float32"
   c.model.attention_impl = a.attention
-  mc = configlib.model_config(c)
-  mesh_cfg = mlc.ConfigDict({"mesh": {k: int(v) for k, v in
-                                      (kv.split("=") for kv in a.mesh.split(","))}})
-  mesh, rules = shd.make_mesh(mesh_cfg), shd.DEFAULT_RULES
+  run = config.from_config_dict(c)
+  mc = model_config(run)
+  mesh = shd.make_mesh({k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(","))})
+  rules = shd.logical_rules(run.sharding)
   model = shd.create_sharded(lambda: CoLaRModel(mc, rngs=nnx.Rngs(0)), mesh, rules)
   graphdef, params, frozen = ts.split_model(model, a.lora > 0)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model.lm)))
   n_train = sum(x.size for x in jax.tree.leaves(params))
-  tx = ts.make_optimizer(c.optim, 1000)
+  tx = ts.make_optimizer(run.optim, 1000)
   p_shard = ts.param_shardings(nnx.State(params), mesh, rules)
   shard = ts.state_shardings(tx, params, p_shard, mesh)
   state = ts.init_train_state(params, tx, 0, shard)
   del model, params
-  step, _ = ts.compile_steps(graphdef, tx, LossConfig(embed_std=0.02), shard)
+  step, _ = ts.compile_steps(graphdef, tx, methods.get(a.method).loss_settings(run, 0.02), shard)
 
   c_eff = a.c if a.method == "colar" else 1
   pk = common.peaks(jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32)
-  print(f"device {common.device_name()} x{jax.device_count()}  preset {a.preset}  "
-        f"params {n_params/1e6:.1f}M (trainable {n_train/1e6:.2f}M)  dtype {a.dtype}  "
-        f"method {a.method} c={c_eff}  attention {a.attention or 'xla'}")
+  print(
+    f"device {common.device_name()} x{jax.device_count()}  preset {a.preset}  "
+    f"params {n_params / 1e6:.1f}M (trainable {n_train / 1e6:.2f}M)  dtype {a.dtype}  "
+    f"method {a.method} c={c_eff}  attention {a.attention or 'xla'}"
+  )
   print(pk.describe())
 
   def bench_batch(b: int, state):
     """Compiles and times the step at batch ``b``; returns the advanced state."""
     rng = np.random.default_rng(0)
     v = mc.vocab_size
-    ones = lambda n: np.ones((b, n), np.int32)
-    batch = dict(question_ids=rng.integers(1, v, (b, a.question)).astype(np.int32),
-                 question_mask=ones(a.question),
-                 steps_ids=rng.integers(1, v, (b, a.chain)).astype(np.int32),
-                 steps_mask=ones(a.chain),
-                 answer_ids=rng.integers(1, v, (b, a.answer)).astype(np.int32),
-                 answer_mask=ones(a.answer))
+
+    def ones(n):
+      return np.ones((b, n), np.int32)
+
+    batch = dict(
+      question_ids=rng.integers(1, v, (b, a.question)).astype(np.int32),
+      question_mask=ones(a.question),
+      steps_ids=rng.integers(1, v, (b, a.chain)).astype(np.int32),
+      steps_mask=ones(a.chain),
+      answer_ids=rng.integers(1, v, (b, a.answer)).astype(np.int32),
+      answer_mask=ones(a.answer),
+    )
     batch = ts.put_batch(batch, mesh, rules)
 
     t0 = time.perf_counter()
@@ -118,11 +127,15 @@ def main() -> None:
     if pk.vendor_tflops:
       mfu += f", {achieved / pk.vendor_tflops:.1%} of vendor"
     xla = f"{xla_flops:.3e}" if xla_flops else "n/a"
-    print(f"batch {b:4d} x {seq} positions (chain {a.chain} -> {latents})  "
-          f"compile {compile_s:.1f}s  step {dt*1e3:.1f} ms  {tokens/dt:,.0f} tokens/s  "
-          f"loss {float(m['loss']):.3f}")
-    print(f"           model FLOPs/step {model_flops:.3e} (XLA-counted {xla})  "
-          f"{achieved:.3f} TFLOP/s  {mfu}  peak memory {common.peak_memory_gb():.2f} GB")
+    print(
+      f"batch {b:4d} x {seq} positions (chain {a.chain} -> {latents})  "
+      f"compile {compile_s:.1f}s  step {dt * 1e3:.1f} ms  {tokens / dt:,.0f} tokens/s  "
+      f"loss {float(m['loss']):.3f}"
+    )
+    print(
+      f"           model FLOPs/step {model_flops:.3e} (XLA-counted {xla})  "
+      f"{achieved:.3f} TFLOP/s  {mfu}  peak memory {common.peak_memory_gb():.2f} GB"
+    )
     return state
 
   for b in [int(x) for x in a.batch.split(",")]:

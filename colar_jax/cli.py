@@ -1,72 +1,478 @@
-"""Shared CLI plumbing: absl flags for ``--config`` / ``--workdir`` and JAX set-up."""
+"""The one command line: ``python -m colar_jax COMMAND [flags]``.
+
+Every command takes ``--config=FILE[:ARG]`` (a ``get_config(ARG)`` file, big_vision
+style) and ``--config.key=value`` overrides of any key of the schema
+(``colar_jax/config.py``; ``python -m colar_jax config show FILE:ARG`` lists them all).
+A misspelt key fails in one line that names the nearest key. For ``eval`` and
+``generate`` the config defaults to the trained run's own, so overrides change how it is
+decoded (``--config.rollout.top_p=1.0``).
+
+Adding a command is one function here, decorated with :func:`command`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import logging
 import os
+import resource
 import sys
-from typing import Any, Callable
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-import jax
-from absl import flags
-from ml_collections import config_flags
+import ml_collections as mlc
+from absl import logging as absl_logging
 
-from colar_jax import configlib
+from colar_jax import config as cfglib
+from colar_jax import demo, evaluate
+from colar_jax.data import answers as answer_lib
+from colar_jax.data import builders
+from colar_jax.data.records import DataFormatError, Record
+from colar_jax.decode.generate import Generation, make_generate_fn
+from colar_jax.model import sharding as shd
+from colar_jax.train import sft
+from colar_jax.train.hooks import NonFiniteLossError, answer_kind
+from colar_jax.train.rl import loop as rl_loop
+from colar_jax.train.run import data_dir_of, load_run, setup_compile_cache
+from colar_jax.weights import convert
 
-
-def define_flags() -> None:
-  """``--config=configs/x.py:arg --config.a.b=v --workdir=DIR`` (unknown keys fail)."""
-  config_flags.DEFINE_config_file("config", "configs/base.py:tiny",
-                                  "ml_collections config file[:arg]", lock_config=True)
-  flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, config)")
-
-
-def setup_jax(cfg) -> None:
-  """Persistent compilation cache (re-compiles drop from seconds to ~1 s on CPU)."""
-  if cfg.get("jax_cache_dir", ""):
-    os.makedirs(cfg.jax_cache_dir, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", cfg.jax_cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def resolved_config():
-  """The --config after CLI overrides, re-validated (overrides bypass get_config checks)."""
-  cfg = flags.FLAGS.config
-  configlib.validate(cfg)
-  return cfg
+PROG = "python -m colar_jax"
+USER_ERRORS = (cfglib.ConfigError, NonFiniteLossError, DataFormatError, FileNotFoundError)
 
 
-def _quiet_orbax() -> None:
-  """Orbax logs every file op at INFO through absl; keep its warnings only."""
-  class _Filter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-      return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-  logging.getLogger("absl").addFilter(_Filter())
+@dataclasses.dataclass(frozen=True)
+class Command:
+  name: str
+  fn: Callable[[argparse.Namespace, list[str]], Any]
+  help: str
+  args: tuple[tuple[tuple[str, ...], dict[str, Any]], ...]
+  config_help: str
+  quiet: bool = False  # only the command's own prints (and errors) without --verbose
 
 
-def run_training(train_fn: Callable[[Any, str], dict[str, Any]]) -> None:
-  """The absl entry point of ``train_sft`` / ``train_rl``: flags, JAX set-up,
-  multi-host start, then ``train_fn(config, workdir)``. A NaN/inf stop exits with
-  its one-line message (the last checkpoint is intact)."""
-  from absl import app
+COMMANDS: dict[str, Command] = {}
 
-  from colar_jax import sharding
 
-  define_flags()
+def arg(*names: str, **kw: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+  """One argparse argument of a command (``add_argument``'s arguments)."""
+  return names, kw
 
-  def main(argv: list[str]) -> None:
-    del argv
-    _quiet_orbax()
-    c = resolved_config()
-    workdir = flags.FLAGS.workdir
-    if not workdir:
-      sys.exit("error: --workdir is required")
-    setup_jax(c)
-    sharding.maybe_initialize_distributed(c)
-    try:
-      last = train_fn(c, workdir)
-    except FloatingPointError as e:  # train_sft.NonFiniteLossError
-      sys.exit(f"error: {e}")
-    logging.info("done: %s", last)
 
-  app.run(main)
+def command(
+  name: str,
+  help: str,
+  *args: tuple[tuple[str, ...], dict[str, Any]],
+  config_help: str = "config file[:arg] (default: the schema's defaults)",
+  quiet: bool = False,
+):
+  """Registers ``fn(args, overrides)`` as ``python -m colar_jax NAME``."""
+
+  def deco(fn):
+    COMMANDS[name] = Command(name, fn, help, tuple(args), config_help, quiet)
+    return fn
+
+  return deco
+
+
+# ----------------------------------------------------------------------------
+# Config plumbing
+# ----------------------------------------------------------------------------
+def resolve_config(
+  spec: str | None, overrides: Sequence[str], base: mlc.ConfigDict | None = None
+) -> cfglib.Run:
+  """``--config`` (or ``base``, or the schema defaults) with the overrides applied."""
+  if spec:
+    c = cfglib.load(spec)
+  elif base is not None:
+    c = base
+  else:
+    c = cfglib.base_config()
+  return cfglib.from_config_dict(cfglib.apply_overrides(c, overrides))
+
+
+def _split_overrides(rest: Sequence[str]) -> tuple[list[str], list[str]]:
+  """``--config.a.b=v`` / ``--config.a.b v`` items -> ``a.b=v``; the rest is unknown."""
+  overrides, unknown, i = [], [], 0
+  rest = list(rest)
+  while i < len(rest):
+    a = rest[i]
+    if a.startswith("--config."):
+      key, sep, value = a[len("--config.") :].partition("=")
+      if not sep:
+        if i + 1 >= len(rest):
+          raise cfglib.ConfigError(f"config.{key}: no value given")
+        value, i = rest[i + 1], i + 1
+      overrides.append(f"{key}={value}")
+    else:
+      unknown.append(a)
+    i += 1
+  return overrides, unknown
+
+
+def _logging(verbose: bool = False, quiet: bool = False) -> None:
+  """Our INFO lines (none with ``quiet``); the libraries' chatter (orbax logs every file
+  op at INFO, tfds every custom config at WARNING) only with --verbose."""
+  level = logging.INFO if verbose or not quiet else logging.ERROR
+  logging.basicConfig(level=level, format="%(levelname)s %(message)s", force=True)
+  absl_logging.set_verbosity("info" if verbose else "error")
+  if not verbose:
+    for name in ("absl", "orbax", "jax", "tensorflow_datasets", "grain"):
+      logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+# ----------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------
+_WORKDIR = arg("--workdir", required=True, help="run directory (checkpoints, logs, config)")
+
+
+def _train(args: argparse.Namespace, overrides: list[str], train_fn: Callable) -> None:
+  run = resolve_config(args.config, overrides)
+  setup_compile_cache(run.jax_cache_dir)
+  shd.maybe_initialize_distributed(run.distributed)
+  last = train_fn(run, args.workdir)
+  logging.info("done: %s", {k: last[k] for k in sorted(last) if k not in ("kind",)})
+
+
+@command(
+  "sft",
+  "supervised training of any method (cot, colar, nocot, icot, coconut, distill)",
+  _WORKDIR,
+  config_help="config file[:arg], e.g. configs/base.py:tiny,colar",
+)
+def sft_cmd(args: argparse.Namespace, overrides: list[str]) -> None:
+  _train(args, overrides, sft.train)
+
+
+@command(
+  "rl",
+  "stage 2: GRPO over the latent policy of a CoLaR run (set --config.init_from)",
+  _WORKDIR,
+  config_help="config file[:arg], e.g. configs/demo.py:rl",
+)
+def rl_cmd(args: argparse.Namespace, overrides: list[str]) -> None:
+  _train(args, overrides, rl_loop.train)
+
+
+def _factors(text: str) -> list[int]:
+  try:
+    out = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise cfglib.ConfigError(
+      f"config: --compression: {text!r} is not a comma list of ints"
+    ) from None
+  if not out or min(out) < 1:
+    raise cfglib.ConfigError(f"config: --compression: factors must be >= 1, got {text!r}")
+  return out
+
+
+@command(
+  "eval",
+  "accuracy +- 95% CI over seeds, #L and a plot, per compression factor",
+  _WORKDIR,
+  arg("--dataset", default=None, help="dataset name (default: the run's data.dataset)"),
+  arg("--source", default=None, help="folder with the raw source files"),
+  arg("--data_dir", default=None, help="tfds data dir (default: the run's)"),
+  arg("--split", default="test"),
+  arg("--compression", default="1,2,3,4,5", help="comma list of factors"),
+  arg("--seeds", type=int, default=5),
+  arg("--batch_size", type=int, default=None, help="default: data.eval_batch_size"),
+  arg("--max_examples", type=int, default=0, help="0 = the whole split"),
+  arg("--method", default=None, help="default: the run's method"),
+  arg("--out_dir", default=None, help="default: WORKDIR/eval (files <dataset>_<split>.*)"),
+  arg(
+    "--answer_kind",
+    default=None,
+    choices=("number", "math"),
+    help="default: math for the 'math' dataset, else number",
+  ),
+  arg("--greedy", action="store_true", help="greedy answer decoding"),
+  arg("--no_progress", action="store_true"),
+  config_help="config file[:arg] (default: the run's saved config)",
+)
+def eval_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+  factors = _factors(args.compression)
+  if args.seeds < 1:
+    raise cfglib.ConfigError("config: --seeds must be >= 1")
+  lr = load_run(args.workdir)
+  run = resolve_config(args.config, overrides, base=cfglib.to_config_dict(lr.run))
+  setup_compile_cache(run.jax_cache_dir)
+  data = dataclasses.replace(run.data, dataset=args.dataset or run.data.dataset)
+  data_dir = args.data_dir or data_dir_of(run, args.workdir)
+  questions, golds = builders.load_questions(data, args.split, data_dir, source=args.source)
+  if args.max_examples:
+    questions, golds = questions[: args.max_examples], golds[: args.max_examples]
+  rc = lr.rollout_config(run.rollout, **({"greedy": True} if args.greedy else {}))
+  return evaluate.evaluate(
+    lr.model,
+    lr.tokenizer,
+    questions,
+    golds,
+    args.method or lr.method,
+    factors,
+    args.seeds,
+    args.batch_size or run.data.eval_batch_size,
+    rc,
+    run=run,
+    out_dir=args.out_dir or os.path.join(args.workdir, "eval"),
+    name=f"{data.dataset}_{args.split}",
+    templates=lr.templates,
+    buckets=lr.buckets,
+    answer_kind=args.answer_kind or answer_kind(dataclasses.replace(run, data=data)),
+    progress=not args.no_progress,
+    extra=dict(checkpoint=lr.meta["checkpoint"], step=lr.meta.get("step")),
+  )
+
+
+def format_generation(g: Generation, answer_prefix: str = "Answer:") -> str:
+  pred = answer_lib.extract_answer(g.text, answer_prefix)
+  return f"output: {g.text}\nanswer: {pred}\nlatent steps: {g.num_latent}"
+
+
+def _questions(args: argparse.Namespace, stdin: Iterable[str]) -> Iterable[str]:
+  if args.question:
+    yield " ".join(args.question)
+  if args.interactive:
+    for line in stdin:
+      if not line.strip():
+        return
+      yield line.strip()
+
+
+@command(
+  "generate",
+  "answer questions with a trained run (one compile, then fast)",
+  _WORKDIR,
+  arg("question", nargs="*", help="question text (several words are joined)"),
+  arg("--speed", type=int, default=1, help="compression factor c of the prompt"),
+  arg("--seed", type=int, default=0),
+  arg("--greedy", action="store_true", help="greedy answer decoding"),
+  arg("--method", default=None, help="default: the run's method"),
+  arg("--interactive", action="store_true", help="read questions from stdin until EOF"),
+  config_help="config file[:arg] (default: the run's saved config)",
+)
+def generate_cmd(
+  args: argparse.Namespace, overrides: list[str], stdin: Iterable[str] | None = None
+) -> None:
+  if not args.interactive and not args.question:
+    raise cfglib.ConfigError("config: give a question or --interactive")
+  if args.speed < 1:
+    raise cfglib.ConfigError("config: --speed must be >= 1")
+  lr = load_run(args.workdir)
+  run = resolve_config(args.config, overrides, base=cfglib.to_config_dict(lr.run))
+  rc = lr.rollout_config(run.rollout, **({"greedy": True} if args.greedy else {}))
+  gen = make_generate_fn(
+    lr.model,
+    lr.tokenizer,
+    args.method or lr.method,
+    rc,
+    batch_size=1,
+    run=run,
+    templates=lr.templates,
+    buckets=lr.buckets,
+  )
+  for i, q in enumerate(_questions(args, stdin if stdin is not None else sys.stdin)):
+    (g,) = gen([q], [i], args.speed, args.seed)
+    print(format_generation(g, lr.templates.answer_prefix), flush=True)
+
+
+@command(
+  "convert",
+  "HF safetensors / .bin / GGUF <-> converted Orbax model dir",
+  arg("direction", choices=("hf-to-orbax", "orbax-to-hf")),
+  arg("src"),
+  arg("dst"),
+  arg(
+    "--param_dtype",
+    default="auto",
+    help="hf-to-orbax: stored dtype (auto = the source embedding's dtype)",
+  ),
+  arg("--dtype", default=None, help="orbax-to-hf: export dtype (default: stored dtype)"),
+  arg("--mesh", default="", help="e.g. fsdp=-1 (default: one device)"),
+)
+def convert_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+  resolve_config(args.config, overrides)  # validates any given overrides
+  t0 = time.time()
+  mesh = convert.parse_mesh(args.mesh)
+  try:
+    if args.direction == "hf-to-orbax":
+      summary = convert.hf_to_orbax(args.src, args.dst, param_dtype=args.param_dtype, mesh=mesh)
+    else:
+      summary = convert.orbax_to_hf(args.src, args.dst, dtype=args.dtype, mesh=mesh)
+  except (ValueError, KeyError) as e:
+    raise cfglib.ConfigError(f"config: {args.direction}: {e.args[0] if e.args else e}") from None
+  summary["seconds"] = round(time.time() - t0, 1)
+  summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  print(json.dumps(summary))
+  return summary
+
+
+@command(
+  "data",
+  "prepare a dataset once (tfds array_record), or show examples",
+  arg("action", choices=("prepare", "show")),
+  arg("dataset", help="a name of colar_jax.data.builders.BUILDERS"),
+  arg("--data_dir", required=True, help="where prepared datasets live"),
+  arg("--builder_config", default=None, help="builder config (gsm8k: equations|natural)"),
+  arg("--source", default=None, help="prepare: folder (or file) with the source data"),
+  arg("--skip_bad", action="store_true", help="prepare: skip and count malformed records"),
+  arg("-n", type=int, default=3, help="show: number of examples"),
+  arg("--split", default=None, help="show: split (default: the first)"),
+  config_help="config file[:arg]; the synthetic task is --config.data.synthetic.*",
+)
+def data_cmd(args: argparse.Namespace, overrides: list[str]) -> int:
+  if args.dataset not in builders.BUILDERS:
+    raise cfglib.ConfigError(
+      f"config: unknown dataset {args.dataset!r}; known: {', '.join(sorted(builders.BUILDERS))}"
+    )
+  run = resolve_config(args.config, overrides)
+  bcfg: Any = args.builder_config
+  if args.dataset == "synthetic":
+    if bcfg is not None:
+      raise cfglib.ConfigError(
+        "config: synthetic takes --config.data.synthetic.KEY=VALUE, not --builder_config"
+      )
+  try:  # too few distinct problems, no --source where needed, an unknown --builder_config
+    if args.dataset == "synthetic":
+      bcfg = builders.synthetic_config(builders.synthetic_task(run.data.synthetic))
+    if args.action == "prepare":
+      result = builders.prepare(
+        args.dataset, args.data_dir, source=args.source, config=bcfg, skip_bad=args.skip_bad
+      )
+    else:
+      builder = builders.get_builder(args.dataset, args.data_dir, config=bcfg)
+  except DataFormatError:
+    raise
+  except ValueError as e:
+    raise cfglib.ConfigError(f"config: data {args.action}: {e}") from None
+  if args.action == "prepare":
+    for split, size in sorted(result.sizes.items()):
+      print(f"{split}: {size}")
+    if args.skip_bad or any(result.skipped.values()):
+      print(f"skipped: {sum(result.skipped.values())} {dict(result.skipped)}")
+      for msg in result.metadata.get("skipped_examples", [])[:5]:
+        print(f"  {msg}")
+    return 0
+  if not builder.is_prepared():
+    raise cfglib.ConfigError(
+      f"config: {args.dataset} is not prepared under {args.data_dir}; run `data prepare` first"
+    )
+  splits = list(builder.info.splits.keys())
+  split = args.split or splits[0]
+  if split not in splits:
+    raise cfglib.ConfigError(f"config: --split: no split {split!r}; have {splits}")
+  source = builder.as_data_source(split=split)
+  label = (
+    f"{args.dataset}/{builder.builder_config.name}" if builder.builder_config else args.dataset
+  )
+  print(f"{label} {split}: {len(source)}")
+  for i in range(min(args.n, len(source))):
+    rec = Record.from_example(source[i])
+    print(f"--- [{i}] {rec.id}")
+    print(f"question: {rec.question}")
+    for j, step in enumerate(rec.steps):
+      print(f"step {j + 1}: {step}")
+    print(f"answer: {rec.answer}")
+    for k, v in rec.extras.items():
+      print(f"{k}: {v}")
+  return 0
+
+
+@command(
+  "demo",
+  "the embedded default end to end: train every phase, evaluate, print the table",
+  arg("--workdir", default="runs/demo", help="root of the phase runs and results"),
+  arg("--fresh", action="store_true", help="delete the workdir first"),
+  arg("--quick", action="store_true", help="tiny budget (PHASE,quick) to test the plumbing"),
+  arg("--phases", default=None, help="comma list, a prefix-closed subset of the phases"),
+  arg("--compression", default=None, help="eval factors (default: the file's)"),
+  arg("--seeds", type=int, default=None, help="eval seeds (default: the file's)"),
+  arg("--test_examples", type=int, default=None, help="0 = the whole test split"),
+  arg("--jax_cache_dir", default=None, help="default: the configs' jax_cache_dir"),
+  arg("--no_progress", action="store_true"),
+  config_help="phase file (default configs/demo.py; configs/smollm2_gsm8k.py for real "
+  "weights); --config.key=value applies to every phase",
+  quiet=True,
+)
+def demo_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+  return demo.run_pipeline(
+    args.workdir,
+    config_file=args.config or demo.DEMO_CONFIG,
+    fresh=args.fresh,
+    quick=args.quick,
+    phases=[p.strip() for p in (args.phases or "").split(",") if p.strip()],
+    factors=_factors(args.compression) if args.compression else (),
+    seeds=args.seeds,
+    test_examples=args.test_examples,
+    jax_cache_dir=args.jax_cache_dir,
+    progress=not args.no_progress,
+    overrides=overrides,
+    log=lambda s: print(s, flush=True),
+  )
+
+
+@command(
+  "config",
+  "print every key of a config with its value, default and meaning",
+  arg("action", choices=("show",)),
+  arg("spec", nargs="?", default=None, help="FILE[:ARG] (same as --config)"),
+)
+def config_cmd(args: argparse.Namespace, overrides: list[str]) -> None:
+  run = resolve_config(args.spec or args.config, overrides)
+  print(cfglib.format_show(run))
+
+
+# ----------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+    prog=PROG,
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    "--verbose",
+    action="store_true",
+    help="INFO logs of every library and tracebacks for user errors",
+  )
+  sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  for c in COMMANDS.values():
+    sp = sub.add_parser(
+      c.name,
+      help=c.help.replace("%", "%%"),
+      description=c.help,
+      epilog="Any key of the config: --config.SECTION.KEY=VALUE "
+      f"(list them: {PROG} config show FILE:ARG).",
+    )
+    sp.add_argument("--config", default=None, metavar="FILE[:ARG]", help=c.config_help)
+    sp.add_argument(
+      "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    for names, kw in c.args:
+      sp.add_argument(*names, **kw)
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+  """Parses ``argv`` and runs the command; a user error exits with one ``error:`` line."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  p = parser()
+  args, rest = p.parse_known_args(argv)
+  verbose = bool(getattr(args, "verbose", False))
+  try:
+    overrides, unknown = _split_overrides(rest)
+    if unknown:
+      p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    cmd = COMMANDS[args.command]
+    _logging(verbose, cmd.quiet)
+    return cmd.fn(args, overrides)
+  except USER_ERRORS as e:
+    if verbose:
+      raise
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    sys.exit(f"error: {msg}")

@@ -1,77 +1,68 @@
 """The embedded CPU demo (``make demo``), one config per phase.
 
 ``--config=configs/demo.py:PHASE`` with PHASE one of ``cot | colar | rl | nocot |
-coconut`` (the order ``python -m colar_jax.demo`` runs them in). Rerun one phase by
+coconut`` (the order ``python -m colar_jax demo`` runs them in). Rerun one phase by
 hand, e.g.::
 
-  python -m colar_jax.train_sft --config=configs/demo.py:colar --workdir=runs/demo/colar
-  python -m colar_jax.train_rl  --config=configs/demo.py:rl    --workdir=runs/demo/rl
+  python -m colar_jax sft --config=configs/demo.py:colar --workdir=runs/demo/colar
+  python -m colar_jax rl  --config=configs/demo.py:rl    --workdir=runs/demo/rl
 
 Every phase trains a narrowed ``tiny`` preset (random init, char tokenizer) on the synthetic
 modular-arithmetic chain task (``colar_jax/data/synthetic.py``); its data lives in
 ``<workdir>/../data``, shared by all phases. ``init_from`` defaults to the sibling phase
 under ``runs/demo/`` (the demo sets it to ``<its workdir>/<phase>``).
 
-Why these settings (measured on the 2-core CPU; BUILD_NOTES "Embedded default" has the
-runs behind them, and ``<workdir>/results.md`` the results of a full run):
-  * task: 4 steps of ``a op b=c`` mod 10, operands 1..9, operators ``+`` and ``*`` only.
-    With ``-`` in the mix a compressed block (a SUM of c token embeddings, i.e. a bag)
-    can not tell ``6-2`` from ``2-6``; from c=3 on two digits share a block and the
-    tiny model stayed at chance (CoLaR c=3/5: 12-16% after 2,000 steps) while the same
-    budget reaches ~50% with commutative operators. No-CoT stays low (~15%).
-  * every step ends with ``\n`` (``2*3=6\n``, a 6-token period that c=2 and c=3
-    divide, so their latents cut every step at the same places), and half the chains
-    end with one redundant step restating the value (``1=1\n``, 4 tokens): the real
-    chain is 24 tokens and the tail a whole number of c=2 blocks, so at c=2 the choice
-    between stopping and going on is the end-of-thinking token draw after latent 12 (a
-    ~50/50 categorical the SFT model learns), which gives GRPO's length reward a real
-    choice. Without the tail every chain has one length and 95-100% of GRPO's groups
-    carried no signal.
+Why these settings (the runs and numbers behind each are in BUILD_NOTES, "Embedded
+default"):
+  * task: 4 steps of ``a op b=c`` mod 10, operands 1..9, operators ``+`` and ``*`` only:
+    a compressed block is a SUM of c token embeddings (a bag), which cannot tell ``6-2``
+    from ``2-6``.
+  * every step ends with ``\n`` (``2*3=6\n``, a 6-token period that c=2 and c=3 divide,
+    so their latents cut every step at the same places), and half the chains end with a
+    redundant step restating the value (``1=1\n``, two whole c=2 blocks): at c=2 the
+    choice between stopping and going on is the end-of-thinking token draw, which gives
+    GRPO's length reward a real choice.
   * ``colar.end_latent_loss=False``: the latent head is not trained at a chain's last
-    position (inference never uses that prediction). Trained there (the reference), its
-    target is the separator's embedding on stopping chains and the tail on the others,
-    and the blend it learns sent the rollouts that go on off the chain (c=2: 58% vs 99%
-    after stopping; 78% overall vs 99.7% without it).
+    position (inference never uses that prediction); trained there, it learns a blend of
+    the separator's embedding and the tail, and rollouts that go on are fed the blend.
   * short templates (``x=2;x*3;x+2;x*8;x+7? c=2###``, answer ``###A:9``): the
-    reference's English boiler-plate is ~55 characters a char-level model attends over
-    at every step for nothing.
+    reference's English boiler-plate is characters a char-level model attends over at
+    every step for nothing.
   * model d=64, 2 layers (0.1M params), batch 16, AdamW 2e-3: on 2 cores the bottleneck
     is the NUMBER of updates (the latent head must become precise enough that its own
-    predictions do not drift); d=128 x 3 layers at batch 32-64 learns CoT but leaves
-    CoLaR at chance for c >= 2 within the budget.
-  * CoT #L is 24 or 28 tokens; a CoLaR-c latent covers c of them (c=2: 12 or 14
-    latents, ratio ~0.51; c=5: 5 or 6, ~0.21).
+    predictions do not drift).
   * CoLaR, No-CoT and Coconut start from the CoT run (as the paper's CoLaR; for the
     baselines it is the strongest start this budget allows), GRPO from CoLaR.
 """
 
 from __future__ import annotations
 
-from colar_jax import configlib
+from colar_jax import config
 
 PHASES = ("cot", "colar", "rl", "nocot", "coconut")
 # Which entry point trains a phase and which phase it starts from ("" = random init).
-TRAINER = dict(cot="train_sft", colar="train_sft", rl="train_rl", nocot="train_sft",
-               coconut="train_sft")
+TRAINER = dict(cot="sft", colar="sft", rl="rl", nocot="sft", coconut="sft")
 INIT_FROM = dict(cot="", colar="cot", rl="colar", nocot="cot", coconut="cot")
-DESCRIPTION = dict(cot="CoT SFT from random init",
-                   colar="CoLaR SFT (latent head + compressed chain)",
-                   rl="GRPO over the latent policy", nocot="No-CoT baseline (answer only)",
-                   coconut="Coconut baseline (continuous thoughts, staged curriculum)")
+DESCRIPTION = dict(
+  cot="CoT SFT from random init",
+  colar="CoLaR SFT (latent head + compressed chain)",
+  rl="GRPO over the latent policy",
+  nocot="No-CoT baseline (answer only)",
+  coconut="Coconut baseline (continuous thoughts, staged curriculum)",
+)
 DEFAULT_ROOT = "runs/demo"
-TARGETS = True  # colar_jax.demo checks the demo's accuracy / #L targets
+TARGETS = True  # the demo command checks the demo's accuracy / #L targets
 
 
 def eval_settings(quick: bool = False) -> dict:
-  """What ``python -m colar_jax.demo`` evaluates (test split; 0 = every question)."""
+  """What ``python -m colar_jax demo`` evaluates (test split; 0 = every question)."""
   if quick:
     return dict(factors=(1, 2), seeds=2, test_examples=16)
   return dict(factors=(1, 2, 3, 5), seeds=3, test_examples=0)
 
 
 def _common():
-  c = configlib.base_config()
-  configlib.apply_model_preset(c, "tiny")
+  c = config.apply_preset(config.base_config(), "tiny")
   # A narrower, shallower Llama than the tiny preset (d=64, 2 layers, 0.1M params): on
   # 2 CPU cores the demo is bound by the NUMBER of optimizer steps (CoLaR's latent head
   # must become precise), and a 3x cheaper step buys 3x more of them.
@@ -84,8 +75,10 @@ def _common():
   # result whatever the order inside it ("6-2" and "2-6" would give the same latent).
   c.data.dataset = "synthetic"
   # max_noop_steps=1: half the chains end with a redundant "1=1" step (see the docstring).
-  c.data.synthetic = dict(num_steps=4, operators="+*", modulus=10, train_size=20000,
-                          val_size=500, test_size=500, seed=1234, max_noop_steps=1)
+  syn = c.data.synthetic
+  syn.min_steps = syn.max_steps = 4
+  syn.operators, syn.modulus, syn.seed, syn.max_noop_steps = "+*", 10, 1234, 1
+  syn.train_size, syn.val_size, syn.test_size = 20000, 500, 500
   c.data.question_template = "{}"
   c.data.speed_template = " c={}"
   c.data.answer_template = "A:{}"
@@ -130,10 +123,11 @@ def _quick(c, phase: str) -> None:
   c.data.batch_size = 8
   c.data.eval_batch_size = 16
   c.train.num_steps = dict(cot=4, colar=4, rl=2, nocot=2, coconut=4)[phase]
+  c.rl.num_steps = 2
   c.train.log_every = 1
   if phase in ("colar", "rl"):
-    c.colar.max_compression_factor = "1,2"
-    c.colar.factor_weights = ""
+    c.colar.factors = (1, 2)
+    c.colar.factor_weights = ()
   if phase == "rl":
     c.rl.compression_factor = 2
     c.rl.questions_per_step = 2
@@ -158,8 +152,8 @@ def get_config(arg: str = "cot"):
     # The evaluated factors, one drawn per batch, c=5 in 6 of 10 batches: a c=5
     # latent holds a whole step and needs by far the most updates (c=5 alone reaches
     # 86%; drawn uniformly 31-39% in this budget); c=2 (GRPO's factor) gets 2 of 10.
-    c.colar.max_compression_factor = "1,2,3,5"
-    c.colar.factor_weights = "1,2,1,6"
+    c.colar.factors = (1, 2, 3, 5)
+    c.colar.factor_weights = (1.0, 2.0, 1.0, 6.0)
     c.colar.end_latent_loss = False  # see the docstring
     # The latent scale: std of the CoT run's TRAINED embedding matrix (the reference
     # hard-codes it per pretrained model). A from-scratch CoT run measures ~0.11; its
@@ -176,12 +170,16 @@ def get_config(arg: str = "cot"):
       # GRPO at c=2, where stopping after the 12th latent or going on is the sampled
       # end-of-thinking token; every sample of a group is right, so the length-aware
       # reward (correct / #L) alone separates them and GRPO learns to drop the tail.
-      c.train.num_steps = 40
+      c.rl.num_steps = 40
       c.rl.compression_factor = 2
       c.rl.questions_per_step = 16
       c.rl.group_size = 8
       c.rl.exp_batch_size = 64
-      c.rl.lr = 1e-4  # 3e-5: the same direction, a third of the length change in 20 steps
+      # GRPO's optimizer: the SFT settings of the demo (no decay, 20 warm-up updates) at
+      # 1e-4 (3e-5: the same direction, a third of the length change in 20 steps).
+      c.rl.optim.lr = 1e-4
+      c.rl.optim.weight_decay = 0.0
+      c.rl.optim.warmup_steps = 20
       c.rl.punish_latent_length = True
       c.rl.eval_at_start = False
   elif phase == "nocot":
@@ -196,9 +194,9 @@ def get_config(arg: str = "cot"):
     # stages fit the budget on a 1,600-problem train split of the same generator (the
     # test split does not depend on train_size): 100 steps per stage.
     c.data.synthetic.train_size = 1600
-    c.baselines.coconut.epochs_per_stage = 1
+    c.baselines.coconut.curriculum.epochs_per_stage = 1
     c.train.num_steps = 300
     c.rollout.max_new_tokens = 8
   if quick:
     _quick(c, phase)
-  return configlib.finalize(c)
+  return c

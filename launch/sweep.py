@@ -5,27 +5,30 @@ with the helpers on ``h``::
 
     def get_sweep(h):
       return h.product([
-          h.sweep("config.colar.max_compression_factor", ["2", "5"]),
+          h.sweep("config.colar.factors", ["1,2", "1,2,3,4,5"]),
           h.sweep("config.optim.lr", [1e-4, 3e-4]),
       ])
 
+Keys are ``config.<dotted key of the schema>`` (``python -m colar_jax config show
+configs/base.py:tiny`` lists them); each becomes ``--config.KEY=VALUE`` of the command.
+
 Usage::
 
-    python launch/sweep.py print SWEEP.py --cmd "python -m colar_jax.train_sft \
+    python launch/sweep.py print SWEEP.py --cmd "python -m colar_jax sft \
         --config=configs/base.py:tiny,colar" --root runs/sweep1
     python launch/sweep.py run SWEEP.py --cmd "..." --root runs/sweep1   # sequential, local
     python launch/sweep.py collect --root runs/sweep1                    # one table of eval JSONs
 
-Each run gets its own workdir ``ROOT/<index>_<short name>``; ``collect`` reads
-``ROOT/*/eval/*.json`` (written by ``colar_jax.evaluate``) and prints one row
-per (run, eval file, compression factor).
+Each run gets its own workdir ``ROOT/<index>_<short name>`` (``--workdir=`` of the
+command); evaluate one with ``python -m colar_jax eval --workdir=ROOT/<run>``.
+``collect`` reads ``ROOT/*/eval/*.json`` (written by ``python -m colar_jax eval``) and
+prints one row per (run, eval file, compression factor).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import itertools
 import json
 import os
@@ -33,7 +36,10 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
+
+from colar_jax import config
 
 
 class Hyper:
@@ -72,9 +78,7 @@ class Hyper:
 
 
 def load_sweep(path: str) -> list[dict[str, Any]]:
-  spec = importlib.util.spec_from_file_location("sweep_file", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = config.load_module(path)  # the package's one loader of config-style files
   if not hasattr(mod, "get_sweep"):
     raise SystemExit(f"{path}: defines no get_sweep(h)")
   return mod.get_sweep(Hyper())
@@ -105,8 +109,14 @@ def collect(root: str) -> list[dict[str, Any]]:
     for c, m in per_c.items():
       if not isinstance(m, dict):
         continue
-      rows.append({"run": run, "eval": os.path.basename(path)[:-5], "c": c,
-                   **{k: v for k, v in m.items() if isinstance(v, (int, float))}})
+      rows.append(
+        {
+          "run": run,
+          "eval": os.path.basename(path)[:-5],
+          "c": c,
+          **{k: v for k, v in m.items() if isinstance(v, (int, float))},
+        }
+      )
   return rows
 
 
@@ -115,7 +125,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("no eval JSON files found")
     return
   cols = list(dict.fromkeys(k for r in rows for k in r))
-  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+
+  def fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
   widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
   print("  ".join(c.ljust(widths[c]) for c in cols))
   for r in rows:
@@ -128,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
   for mode in ("print", "run"):
     s = sub.add_parser(mode)
     s.add_argument("sweep")
-    s.add_argument("--cmd", required=True, help="base command (config file included)")
+    s.add_argument(
+      "--cmd",
+      required=True,
+      help="base command (config file included), e.g. "
+      "'python -m colar_jax sft --config=configs/base.py:tiny,colar'",
+    )
     s.add_argument("--root", required=True, help="parent dir of the runs' workdirs")
   c = sub.add_parser("collect")
   c.add_argument("--root", required=True)

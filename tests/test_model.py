@@ -2,17 +2,24 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-from colar_jax import sharding as sh
+from colar_jax import config
 from colar_jax.model import CoLaRModel, KVCache, ModelConfig, rope_inv_freq
+from colar_jax.model import sharding as sh
 
-CFG = ModelConfig(vocab_size=48, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16)
+CFG = ModelConfig(
+  vocab_size=48,
+  hidden_size=64,
+  intermediate_size=128,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+)
 
 
 def _batch():
@@ -72,9 +79,17 @@ def test_left_padding_invariance():
 
 
 def test_llama3_rope_scaling_matches_reference_formula():
-  cfg = CFG.replace(rope_theta=500000.0, head_dim=64, rope_scaling=(
-      ("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
-      ("original_max_position_embeddings", 8192), ("rope_type", "llama3")))
+  cfg = CFG.replace(
+    rope_theta=500000.0,
+    head_dim=64,
+    rope_scaling=(
+      ("factor", 32.0),
+      ("high_freq_factor", 4.0),
+      ("low_freq_factor", 1.0),
+      ("original_max_position_embeddings", 8192),
+      ("rope_type", "llama3"),
+    ),
+  )
   inv = np.asarray(rope_inv_freq(cfg))
   base = 1.0 / (500000.0 ** (np.arange(0, 64, 2) / 64))
   wl = 2 * np.pi / base
@@ -99,13 +114,14 @@ def _loss(model, ids, mask):
   nll = -jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
   m = mask[:, 1:]
   lat = model.latent_head(out.hidden).mean
-  return (nll * m).sum() / m.sum() + 1e-3 * jnp.mean(lat ** 2)
+  return (nll * m).sum() / m.sum() + 1e-3 * jnp.mean(lat**2)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_sharded_equals_unsharded_forward_and_step():
-  mesh = sh.make_mesh(mlc.ConfigDict({"mesh": {"data": 2, "fsdp": 2, "tensor": 2}}))
-  rules = sh.DEFAULT_RULES
+  mesh = sh.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  rules = sh.logical_rules(config.Sharding())  # () = the built-in rules
+  assert rules == sh.DEFAULT_RULES
   ids, mask = _batch()
   ids, mask = jnp.concatenate([ids, ids[:1]]), jnp.concatenate([mask, mask[:1]])  # batch 4
 
@@ -118,12 +134,14 @@ def test_sharded_equals_unsharded_forward_and_step():
     def step(state, opt, ids, mask):
       def f(st):
         return _loss(nnx.merge(graphdef, st), ids, mask)
+
       loss, g = jax.value_and_grad(f)(state)
       upd, opt = tx.update(g, opt, state)
       return optax.apply_updates(state, upd), opt, loss
 
     logits = jax.jit(lambda st, i, m: nnx.merge(graphdef, st).lm(i, attention_mask=m).logits)(
-        state, ids, mask)
+      state, ids, mask
+    )
     state, opt, loss = step(state, opt, ids, mask)
     return logits, state, loss
 
@@ -132,7 +150,8 @@ def test_sharded_equals_unsharded_forward_and_step():
   k = shd.lm.layers.mlp.up_proj.kernel[...]
   assert k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   assert shd.latent_head.fc1.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
-      "fsdp", "tensor")
+    "fsdp", "tensor"
+  )
   bs = sh.batch_sharding(mesh, rules)
   l1, s1, loss1 = run(ref, ids, mask)
   l2, s2, loss2 = run(shd, jax.device_put(ids, bs), jax.device_put(mask, bs))
@@ -148,3 +167,21 @@ def test_mesh_shape_errors():
   with pytest.raises(ValueError, match="needs 16 devices"):
     sh.resolve_mesh_shape({"data": 4, "fsdp": 4}, 8)
   assert sh.resolve_mesh_shape({"data": -1, "tensor": 2}, 8) == (4, 1, 2)
+
+
+def test_make_mesh_from_the_config_section():
+  n = jax.device_count()
+  assert dict(sh.make_mesh(None).shape) == dict(data=n, fsdp=1, tensor=1)
+  assert dict(sh.make_mesh(config.Mesh()).shape) == dict(data=n, fsdp=1, tensor=1)
+  if n % 2 == 0:
+    run = config.from_config_dict(
+      config.apply_overrides(config.base_config(), ["mesh.data=-1", "mesh.tensor=2"])
+    )
+    assert dict(sh.make_mesh(run.mesh).shape) == dict(data=n // 2, fsdp=1, tensor=2)
+  with pytest.raises(ValueError, match=f"needs {2 * n} devices"):
+    sh.make_mesh(dict(data=n, fsdp=2))
+  rules = sh.logical_rules(config.Sharding(rules=(("embed", None), ("mlp", ["fsdp", "tensor"]))))
+  assert rules == (("embed", None), ("mlp", ("fsdp", "tensor")))
+  assert sh.logical_to_mesh(("embed", "mlp"), rules) == jax.sharding.PartitionSpec(
+    None, ("fsdp", "tensor")
+  )

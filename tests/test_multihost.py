@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 
-
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -27,20 +26,34 @@ def _env(n_local: int) -> dict:
 def _losses(out: str) -> list[float]:
   line = [l for l in out.splitlines() if l.startswith("LOSSES ")]
   assert line, out
-  return json.loads(line[0][len("LOSSES "):])
+  return json.loads(line[0][len("LOSSES ") :])
 
 
 def test_two_processes_equal_one_process(repo_root):
   worker = str(repo_root / "tests" / "helpers" / "multihost_worker.py")
-  single = subprocess.run([sys.executable, worker, "1", "0", "0"], env=_env(8), cwd=repo_root,
-                          capture_output=True, text=True, timeout=240)
+  single = subprocess.run(
+    [sys.executable, worker, "1", "0", "0"],
+    env=_env(8),
+    cwd=repo_root,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert single.returncode == 0, single.stderr[-3000:]
   port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, worker, "2", str(i), port], env=_env(4),
-                            cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, worker, "2", str(i), port],
+      env=_env(4),
+      cwd=repo_root,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=240) for p in procs]
-  for p, (o, e) in zip(procs, outs):
+  for p, (_o, e) in zip(procs, outs):
     assert p.returncode == 0, e[-3000:]
   ref, multi = _losses(single.stdout), _losses(outs[0][0])
   print("1x8 losses", ref, "\n2x4 losses", multi)

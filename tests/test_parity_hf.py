@@ -1,5 +1,5 @@
 """Numerical parity with transformers: tiny random Llama (GQA, llama3 RoPE) and
-Qwen2 (untied, q/k/v bias) checkpoints, converted by ``colar_jax.convert``.
+Qwen2 (untied, q/k/v bias) checkpoints, converted by ``colar_jax.weights.convert``.
 
 Weights are drawn large enough (and norms / biases non-trivial) that a wrong
 transpose, RoPE convention or bias mapping moves the logits far beyond the
@@ -20,25 +20,47 @@ from flax import nnx
 from jax.sharding import Mesh
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from colar_jax import convert
-from colar_jax import sharding as shd
 from colar_jax.model import Decoder
+from colar_jax.model import sharding as shd
+from colar_jax.weights import convert
 
 TOL = 1e-4
-COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              rms_norm_eps=1e-5)
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
-                   high_freq_factor=4.0, original_max_position_embeddings=32)
+COMMON = dict(
+  vocab_size=96,
+  hidden_size=64,
+  intermediate_size=128,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=256,
+  rms_norm_eps=1e-5,
+)
+LLAMA3_ROPE = dict(
+  rope_type="llama3",
+  rope_theta=10000.0,
+  factor=8.0,
+  low_freq_factor=1.0,
+  high_freq_factor=4.0,
+  original_max_position_embeddings=32,
+)
 CASES = {
-    "llama_gqa": (LlamaConfig, LlamaForCausalLM,
-                  dict(tie_word_embeddings=True,
-                       rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
-    "llama3_rope": (LlamaConfig, LlamaForCausalLM,
-                    dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM,
-              dict(tie_word_embeddings=False,
-                   rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+  "llama_gqa": (
+    LlamaConfig,
+    LlamaForCausalLM,
+    dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+  ),
+  "llama3_rope": (
+    LlamaConfig,
+    LlamaForCausalLM,
+    dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+  ),
+  "qwen2": (
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    dict(
+      tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)
+    ),
+  ),
 }
 
 
@@ -65,7 +87,7 @@ def left_padded_batch(vocab: int, seed: int = 1, lengths=(10, 7, 4, 1), t: int =
   ids = rng.integers(0, vocab, size=(len(lengths), t)).astype(np.int32)
   mask = np.zeros_like(ids, dtype=bool)
   for b, n in enumerate(lengths):
-    mask[b, t - n:] = True
+    mask[b, t - n :] = True
   ids = np.where(mask, ids, 0)
   pos = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
   return ids, mask, pos
@@ -73,9 +95,11 @@ def left_padded_batch(vocab: int, seed: int = 1, lengths=(10, 7, 4, 1), t: int =
 
 def hf_logits(model, ids, mask, pos) -> np.ndarray:
   with torch.no_grad():
-    out = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                attention_mask=torch.as_tensor(mask, dtype=torch.long),
-                position_ids=torch.as_tensor(pos, dtype=torch.long))
+    out = model(
+      input_ids=torch.as_tensor(ids, dtype=torch.long),
+      attention_mask=torch.as_tensor(mask, dtype=torch.long),
+      position_ids=torch.as_tensor(pos, dtype=torch.long),
+    )
   return out.logits.float().numpy()
 
 
@@ -110,8 +134,10 @@ def test_logits_left_padded(converted):
   ours = np.asarray(jax_logits(dec, jnp.asarray(ids), jnp.asarray(mask)))
   ref = hf_logits(model, ids, mask, pos)
   d = max_diff_real(ours, ref, mask)
-  print(f"\nPARITY {case}: max|logit diff| (left-padded, real positions) = {d:.2e}"
-        f" (logit scale {np.abs(ref[mask]).max():.2f})")
+  print(
+    f"\nPARITY {case}: max|logit diff| (left-padded, real positions) = {d:.2e}"
+    f" (logit scale {np.abs(ref[mask]).max():.2f})"
+  )
   assert d <= TOL, (case, d)
 
 

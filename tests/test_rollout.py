@@ -7,21 +7,35 @@ rollout only a handful of times. Different weights (the LM head's separator colu
 rescaled to control when rows stop thinking) reuse the same compiled program.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from colar_jax import rollout as R
+from colar_jax import config
+from colar_jax.data import prompts
+from colar_jax.decode import rollout as R
+from colar_jax.decode.sampling import sample_tokens, top_p_mask
 from colar_jax.model import CoLaRModel, ModelConfig
-from colar_jax.sampling import sample_tokens, top_p_mask
+from colar_jax.train.run import rollout_config
 
-CFG = ModelConfig(vocab_size=32, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=16, intermediate_size=128, tie_embeddings=False)
+CFG = ModelConfig(
+  vocab_size=32,
+  hidden_size=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+  intermediate_size=128,
+  tie_embeddings=False,
+)
 SEP, EOS, L, T, P = 5, 2, 6, 5, 8
-RC = R.RolloutConfig(separator_id=SEP, eos_id=EOS, max_latent_steps=L, max_new_tokens=T,
-                     embed_std=0.02, top_p=0.9)
+RC = R.RolloutConfig(
+  separator_id=SEP, eos_id=EOS, max_latent_steps=L, max_new_tokens=T, embed_std=0.02, top_p=0.9
+)
 PADS = (0, 3, 1, 5)
 
 
@@ -66,8 +80,9 @@ def _full_hidden(model, ids, mask, out, cfg):
     masks += [jnp.asarray(out.latent_mask), jnp.ones((b, 1), bool)]
   embs.append(lm.embed_tokens(jnp.asarray(out.answer_ids)))
   masks.append(jnp.asarray(out.answer_mask))
-  return lm(inputs_embeds=jnp.concatenate(embs, 1), attention_mask=jnp.concatenate(masks, 1),
-            logits=False).hidden
+  return lm(
+    inputs_embeds=jnp.concatenate(embs, 1), attention_mask=jnp.concatenate(masks, 1), logits=False
+  ).hidden
 
 
 def test_row_stopping_at_step_k_has_exactly_k_latents():
@@ -79,14 +94,14 @@ def test_row_stopping_at_step_k_has_exactly_k_latents():
   np.testing.assert_array_equal(out.latent_mask, np.arange(L)[None] < n[:, None])
   # Decision logits = the LM head right AFTER each latent (teacher-forced, no cache).
   h = _full_hidden(model, ids, mask, out, RC)
-  logp_sep = np.asarray(jax.nn.log_softmax(model.lm.logits(h[:, P:P + L]))[..., SEP])
+  logp_sep = np.asarray(jax.nn.log_softmax(model.lm.logits(h[:, P : P + L]))[..., SEP])
   for b in range(4):
     k = int(n[b])
     if out.thought_done[b]:
       assert logp_sep[b, k - 1] > np.log(0.999), (b, logp_sep[b])
     else:
       assert k == L
-    assert (logp_sep[b, :k - 1] < np.log(1e-3)).all(), (b, logp_sep[b])
+    assert (logp_sep[b, : k - 1] < np.log(1e-3)).all(), (b, logp_sep[b])
 
 
 def test_batch_invariance_alone_vs_in_batch():
@@ -98,9 +113,9 @@ def test_batch_invariance_alone_vs_in_batch():
   assert len(set(batch.num_latents.tolist())) >= 2
   for b in range(4):
     extra = 4  # different left padding than in the batch
-    ids1 = np.pad(ids[b:b + 1], ((0, 0), (extra, 0)))
-    mask1 = np.pad(mask[b:b + 1], ((0, 0), (extra, 0)))
-    alone = _run(model, ids=ids1, mask=mask1, row_ids=rows[b:b + 1], seed=7)
+    ids1 = np.pad(ids[b : b + 1], ((0, 0), (extra, 0)))
+    mask1 = np.pad(mask[b : b + 1], ((0, 0), (extra, 0)))
+    alone = _run(model, ids=ids1, mask=mask1, row_ids=rows[b : b + 1], seed=7)
     assert alone.num_latents[0] == batch.num_latents[b]
     np.testing.assert_array_equal(alone.answer_ids[0], batch.answer_ids[b])
     np.testing.assert_array_equal(alone.answer_mask[0], batch.answer_mask[b])
@@ -119,9 +134,6 @@ def test_logprobs_equal_teacher_forced_recomputation():
     np.testing.assert_allclose(sc.eot_logprob, out.eot_logprob, atol=1e-4)
     np.testing.assert_allclose(sc.answer_logprobs, out.answer_logprobs, atol=1e-4)
     assert (out.latent_logprobs[~out.latent_mask] == 0).all()
-    seq_ids, seq_mask, seq_lp = out.rl_sequence(SEP)
-    assert seq_ids.shape == (4, T + 1) and bool(seq_mask[:, 0].all())
-    np.testing.assert_allclose(seq_lp[:, 0], out.eot_logprob)
 
 
 def test_cached_greedy_decoding_equals_full_forward_and_is_deterministic():
@@ -133,9 +145,10 @@ def test_cached_greedy_decoding_equals_full_forward_and_is_deterministic():
   jax.tree.map(np.testing.assert_array_equal, out, again)
   h = _full_hidden(model, ids, mask, out, det)
   start = P + L + 1
-  argmax = np.asarray(jnp.argmax(model.lm.logits(h[:, start - 1:start - 1 + T]), -1))
-  np.testing.assert_array_equal(np.where(out.answer_mask, argmax, 0),
-                                np.where(out.answer_mask, out.answer_ids, 0))
+  argmax = np.asarray(jnp.argmax(model.lm.logits(h[:, start - 1 : start - 1 + T]), -1))
+  np.testing.assert_array_equal(
+    np.where(out.answer_mask, argmax, 0), np.where(out.answer_mask, out.answer_ids, 0)
+  )
   assert out.answer_mask[:, 0].all()
 
 
@@ -147,16 +160,16 @@ def test_max_latent_steps_respected():
   assert out.latent_mask.all() and not out.thought_done.any()
 
 
-def test_generate_tokens_matches_full_forward():
+def test_token_decoding_matches_full_forward():
   """The "none" latent mode (CoT / No-CoT): plain decoding from the prompt."""
   model = _model()
   ids, mask = _prompts()
   cfg = RC.replace(latent_mode="none", greedy=True)
   g, s = nnx.split(model)
-  out = jax.device_get(R.generate_tokens(g, s, ids, mask, jax.random.key(0), cfg))
+  out = jax.device_get(R.rollout(g, s, ids, mask, jax.random.key(0), cfg))
   assert out.latents.shape == (4, 0, CFG.hidden_size) and (out.num_latents == 0).all()
   h = _full_hidden(model, ids, mask, out, cfg)
-  argmax = np.asarray(jnp.argmax(model.lm.logits(h[:, P - 1:P - 1 + T]), -1))
+  argmax = np.asarray(jnp.argmax(model.lm.logits(h[:, P - 1 : P - 1 + T]), -1))
   m = out.answer_mask
   np.testing.assert_array_equal(argmax[m], out.answer_ids[m])
   sc = R.score_rollout(model, jnp.asarray(ids), jnp.asarray(mask), out, cfg)
@@ -171,13 +184,16 @@ def test_hidden_latent_mode_feeds_last_hidden_state():
   out = _run(model, cfg)
   np.testing.assert_array_equal(out.num_latents, [3] * 4)
   h = np.asarray(_full_hidden(model, ids, mask, out, cfg))
-  np.testing.assert_allclose(out.latents, h[:, P - 1:P + 2], atol=1e-5)
+  np.testing.assert_allclose(out.latents, h[:, P - 1 : P + 2], atol=1e-5)
 
 
 def test_top_p_keeps_only_the_nucleus():
   probs = np.array([0.05, 0.5, 0.1, 0.2, 0.15])  # ranks: 1, 3, 4, 2, 0
   logits = jnp.log(jnp.asarray(probs))
-  keep = lambda p: np.asarray(top_p_mask(logits, p)).nonzero()[0].tolist()
+
+  def keep(p):
+    return np.asarray(top_p_mask(logits, p)).nonzero()[0].tolist()
+
   assert keep(0.01) == [1]  # top token always kept
   assert keep(0.6) == [1, 3]  # 0.5 < 0.6 <= 0.7
   assert keep(0.75) == [1, 3, 4]  # 0.7 < 0.75 <= 0.85
@@ -209,6 +225,42 @@ def test_config_validation():
     RC.replace(latent_mode="bogus")
   with pytest.raises(ValueError, match="top_p"):
     RC.replace(top_p=0.0)
-  rc = R.RolloutConfig.from_config({"max_latent_steps": 3, "top_p": 0.5}, separator_id=SEP,
-                                   eos_id=None, embed_std=0.1)
-  assert (rc.max_latent_steps, rc.top_p, rc.eos_id, rc.temperature) == (3, 0.5, -1, 1.0)
+
+
+class _Tok:
+  """Just what ``train.run.rollout_config`` reads of a tokenizer: "###" is one id."""
+
+  def __init__(self, eos):
+    self.eos_token_id, self.pad_token_id = eos, 7
+
+  def __call__(self, texts, add_special_tokens=False):
+    return {"input_ids": [[SEP] if t == "###" else [9] * len(t) for t in texts]}
+
+
+def test_rollout_config_of_the_typed_section():
+  """The trainers' builder: the ``rollout`` section + the tokenizer's ids + overrides."""
+  c = config.apply_overrides(
+    config.base_config(), ["rollout.max_latent_steps=3", "rollout.top_p=0.5", "rollout.greedy=true"]
+  )
+  run = config.from_config_dict(c)
+  templates = prompts.PromptTemplates.of(run.data)
+  rc = rollout_config(run.rollout, _Tok(EOS), templates, 0.1, latent_mode="hidden")
+  assert rc == R.RolloutConfig(
+    separator_id=SEP,
+    eos_id=EOS,
+    pad_id=7,
+    latent_mode="hidden",
+    max_latent_steps=3,
+    latent_temperature=1.0,
+    eot_temperature=1.0,
+    embed_std=0.1,
+    max_new_tokens=16,
+    temperature=1.0,
+    top_p=0.5,
+    greedy=True,
+  )
+  assert rollout_config(run.rollout, _Tok(None), templates, 0.1).eos_id == -1
+  with pytest.raises(ValueError, match="separator"):  # "@@" is two tokens here
+    rollout_config(run.rollout, _Tok(EOS), dataclasses.replace(templates, separator="@@"), 0.1)
+  with pytest.raises(config.ConfigError, match="rollout.top_p"):
+    config.apply_overrides(config.base_config(), ["rollout.top_p=0"])

@@ -17,8 +17,8 @@ import pytest
 import torch
 from flax import nnx
 
-from colar_jax import convert
 from colar_jax.model import Decoder, KVCache
+from colar_jax.weights import convert
 
 # ~1-2 min on 2 CPU cores (GGUF parsing dominates); part of `make test`: real-weight parity.
 
@@ -36,18 +36,22 @@ def hf_reference(path: str) -> torch.nn.Module:
   is installed (transformers requires it there), else the same internal loader
   that call uses (``load_gguf_checkpoint``) into a model built from the GGUF config."""
   from transformers import AutoConfig, AutoModelForCausalLM
+
   folder, name = os.path.dirname(path), os.path.basename(path)
   try:
     import accelerate  # noqa: F401
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                dtype=torch.float32).eval()
+
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
   except ImportError:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     model = AutoModelForCausalLM.from_config(
-        AutoConfig.from_pretrained(folder, gguf_file=name), dtype=torch.float32)
+      AutoConfig.from_pretrained(folder, gguf_file=name), dtype=torch.float32
+    )
     parsed = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)
     missing, unexpected = model.load_state_dict(
-        {k: torch.as_tensor(v) for k, v in parsed["tensors"].items()}, strict=False)
+      {k: torch.as_tensor(v) for k, v in parsed["tensors"].items()}, strict=False
+    )
     assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
     model.tie_weights()
     return model.eval()
@@ -80,12 +84,20 @@ def greedy_with_cache(dec: Decoder, prompt: np.ndarray, n: int):
 
 def test_smollm2_gguf_matches_transformers(gguf_path, tmp_path):
   from transformers import AutoTokenizer
+
   t0 = time.time()
   summary = convert.hf_to_orbax(gguf_path, str(tmp_path / "smol"))
   t_convert = time.time() - t0
   cfg, dec = convert.load_orbax_dir(str(tmp_path / "smol"))
-  assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-          cfg.vocab_size, cfg.tie_embeddings) == (30, 576, 9, 3, 64, 49152, True)
+  assert (
+    cfg.num_layers,
+    cfg.hidden_size,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+    cfg.vocab_size,
+    cfg.tie_embeddings,
+  ) == (30, 576, 9, 3, 64, 49152, True)
   tok = AutoTokenizer.from_pretrained(tmp_path / "smol")
   prompt = np.asarray([tok(PROMPT)["input_ids"]], np.int32)
 
@@ -93,9 +105,13 @@ def test_smollm2_gguf_matches_transformers(gguf_path, tmp_path):
   hf = hf_reference(gguf_path)
   t_hf = time.time() - t1
   with torch.no_grad():
-    gen = hf.generate(torch.as_tensor(prompt, dtype=torch.long), max_new_tokens=NEW_TOKENS,
-                      do_sample=False, attention_mask=torch.ones(prompt.shape, dtype=torch.long))
-  hf_toks = gen[0, prompt.shape[1]:].tolist()
+    gen = hf.generate(
+      torch.as_tensor(prompt, dtype=torch.long),
+      max_new_tokens=NEW_TOKENS,
+      do_sample=False,
+      attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+    )
+  hf_toks = gen[0, prompt.shape[1] :].tolist()
 
   ours_toks, step_logits = greedy_with_cache(dec, prompt, NEW_TOKENS)
   full = np.concatenate([prompt, np.asarray([ours_toks], np.int32)], axis=1)
@@ -105,14 +121,16 @@ def test_smollm2_gguf_matches_transformers(gguf_path, tmp_path):
   d_full = float(np.abs(ours - ref).max())
   # Cached step k predicts position P-1+k; it must agree with the full forward.
   p = prompt.shape[1]
-  d_cache = float(np.abs(step_logits - ours[p - 1:p - 1 + NEW_TOKENS]).max())
-  print(f"\nSMOLLM2 convert {t_convert:.1f}s ({summary['params']} params, embed_std "
-        f"{summary['embed_std']:.6f}); HF GGUF load {t_hf:.1f}s\n"
-        f"SMOLLM2 ours : {ours_toks} {tok.decode(ours_toks)!r}\n"
-        f"SMOLLM2 HF   : {hf_toks} {tok.decode(hf_toks)!r}\n"
-        f"SMOLLM2 max|logit diff| vs HF (T={full.shape[1]}) = {d_full:.2e} "
-        f"(logit scale {np.abs(ref).max():.1f}); KV-cache steps vs full forward = "
-        f"{d_cache:.2e}")
+  d_cache = float(np.abs(step_logits - ours[p - 1 : p - 1 + NEW_TOKENS]).max())
+  print(
+    f"\nSMOLLM2 convert {t_convert:.1f}s ({summary['params']} params, embed_std "
+    f"{summary['embed_std']:.6f}); HF GGUF load {t_hf:.1f}s\n"
+    f"SMOLLM2 ours : {ours_toks} {tok.decode(ours_toks)!r}\n"
+    f"SMOLLM2 HF   : {hf_toks} {tok.decode(hf_toks)!r}\n"
+    f"SMOLLM2 max|logit diff| vs HF (T={full.shape[1]}) = {d_full:.2e} "
+    f"(logit scale {np.abs(ref).max():.1f}); KV-cache steps vs full forward = "
+    f"{d_cache:.2e}"
+  )
   assert ours_toks == hf_toks
   assert d_full <= 1e-3
   assert d_cache <= 1e-3

@@ -1,15 +1,15 @@
 """GRPO trainer: sampler/trainer log-prob agreement, rewards, zero-advantage gradient,
-learning on contrived rewards, and the full train_rl run (checkpoint, resume, CLI).
+learning on contrived rewards, and the full RL run (checkpoint, resume, CLI).
 
 Two kinds of tests, both tiny (8 fake CPU devices, batch sharded over them):
 
-* library level (``rl_experience``): a random 2-layer model whose LM-head column
+* library level (``train.rl.step``): a random 2-layer model whose LM-head column
   of the separator is rescaled so rows stop thinking at varied steps. Rewards are
   CONTRIVED (no tokenizer): "correct" = the first answer token lies in a
   per-question set of 8 of the 32 tokens; with the length penalty the reward is
   correct / #L. A short RL run must raise the reward and lower (never raise) #L.
-* system level (``train_rl.train`` and the CLI): a CoLaR-SFT checkpoint of a
-  tiny model trained for 2 steps (session fixture). It has no accuracy to speak
+* system level (``train.rl.loop.train`` and ``python -m colar_jax rl``): a CoLaR-SFT
+  checkpoint of a tiny model trained for 2 steps (session fixture). It has no accuracy to speak
   of -- a real accuracy gain needs thousands of SFT steps, minutes on these CPUs
   -- so this part checks the plumbing (metrics, logprob_gap, KL, checkpoints,
   exact resume), not learning.
@@ -24,24 +24,37 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import pytest
 from flax import nnx
 
-from colar_jax import metrics
-from colar_jax import rl_experience as rlx
-from colar_jax import sharding as shd
-from colar_jax import train_rl, train_sft
-from colar_jax import train_state as ts
+from colar_jax import config
+from colar_jax.decode.rollout import RolloutConfig
 from colar_jax.model import CoLaRModel, ModelConfig
-from colar_jax.rollout import RolloutConfig
+from colar_jax.model import sharding as shd
+from colar_jax.train import hooks
+from colar_jax.train import logs as metrics
+from colar_jax.train import run as trun
+from colar_jax.train import sft as train_sft
+from colar_jax.train import state as ts
+from colar_jax.train.rl import loop as train_rl
+from colar_jax.train.rl import step as rlx
+from colar_jax.weights import checkpoints as checkpointing
 
-CFG = ModelConfig(vocab_size=32, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=16, intermediate_size=128, tie_embeddings=False)
+CFG = ModelConfig(
+  vocab_size=32,
+  hidden_size=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+  intermediate_size=128,
+  tie_embeddings=False,
+)
 SEP, EOS, P, N_Q, G = 5, 2, 8, 4, 8
-RC = RolloutConfig(separator_id=SEP, eos_id=EOS, max_latent_steps=6, max_new_tokens=3,
-                   embed_std=0.02)
+RC = RolloutConfig(
+  separator_id=SEP, eos_id=EOS, max_latent_steps=6, max_new_tokens=3, embed_std=0.02
+)
 RL = rlx.RLConfig(group_size=G, exp_batch_size=16, punish_latent_length=True)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,22 +63,31 @@ class Lib:
   """Model, mesh, prompts and the compiled update shared by the library tests."""
 
   def __init__(self) -> None:
-    self.mesh = shd.make_mesh(mlc.ConfigDict(dict(mesh=dict(data=-1, fsdp=1, tensor=1))))
+    self.mesh = shd.make_mesh(config.Mesh(data=-1, fsdp=1, tensor=1))
     self.rules = shd.DEFAULT_RULES
-    model = shd.create_sharded(lambda: CoLaRModel(CFG, rngs=nnx.Rngs(0)), self.mesh,
-                               self.rules)
+    model = shd.create_sharded(lambda: CoLaRModel(CFG, rngs=nnx.Rngs(0)), self.mesh, self.rules)
     u = jax.random.normal(jax.random.key(3), (CFG.hidden_size,))
     k = model.lm.lm_head.kernel[...]
     model.lm.lm_head.kernel[...] = k.at[:, SEP].set(3.0 * u / jnp.linalg.norm(u))
     self.graphdef, p_state, self.frozen = nnx.split(model, ts.trainable_filter(False), ...)
     self.params = nnx.to_pure_dict(p_state)
-    optim = mlc.ConfigDict(dict(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999, warmup_steps=0,
-                                schedule="constant", grad_clip=1.0, grad_accum=1))
+    optim = config.Optim(
+      lr=1e-3,
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+      warmup_steps=0,
+      schedule="constant",
+      grad_clip=1.0,
+      grad_accum=1,
+    )
     self.tx = ts.make_optimizer(optim, 100)
     self.shardings = ts.state_shardings(
-        self.tx, self.params, ts.param_shardings(p_state, self.mesh, self.rules), self.mesh)
-    self.update = rlx.compile_update(self.graphdef, self.tx, RL, RC, self.shardings,
-                                     self.mesh, self.rules)
+      self.tx, self.params, ts.param_shardings(p_state, self.mesh, self.rules), self.mesh
+    )
+    self.update = rlx.compile_update(
+      self.graphdef, self.tx, RL, RC, self.shardings, self.mesh, self.rules
+    )
     rng = np.random.default_rng(0)
     q = rng.integers(6, CFG.vocab_size, (N_Q, P)).astype(np.int32)
     ids, mask = rlx.repeat_groups(q, np.ones_like(q), G)
@@ -78,8 +100,9 @@ class Lib:
     return ts.init_train_state(self.params, self.tx, 0, self.shardings)
 
   def rollout(self, params: Any, seed: int):
-    return rlx.rollout_group(self.graphdef, params, self.frozen, self.ids, self.mask,
-                             jax.random.key(seed), RC)
+    return rlx.rollout_group(
+      self.graphdef, params, self.frozen, self.ids, self.mask, jax.random.key(seed), RC
+    )
 
   def correct(self, out) -> np.ndarray:
     first = np.asarray(jax.device_get(out.answer_ids))[:, 0]
@@ -159,7 +182,9 @@ def test_zero_advantages_give_zero_gradient(lib: Lib) -> None:
 
   @jax.jit
   def grad_fn(params, mb):
-    f = lambda p: rlx.rl_loss(ts.merge_model(lib.graphdef, p, lib.frozen), mb, RL, RC)[0]
+    def f(p):
+      return rlx.rl_loss(ts.merge_model(lib.graphdef, p, lib.frozen), mb, RL, RC)[0]
+
     return jax.grad(f)(params)
 
   def grads(adv: np.ndarray):
@@ -210,39 +235,42 @@ def test_rl_raises_reward_without_raising_latent_length(lib: Lib) -> None:
 
 
 # ----------------------------------------------------------------------------- system
-TINY_ARCH = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                 num_kv_heads=1, head_dim=16)
+TINY_ARCH = dict(
+  hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16
+)
 
 
 def _overrides(data_dir: str, **over: Any) -> dict[str, Any]:
   kv: dict[str, Any] = {
-      "data.data_dir": data_dir, "data.synthetic.num_steps": 2,
-      "data.synthetic.train_size": 64, "data.synthetic.val_size": 8,
-      "data.synthetic.test_size": 8, "data.batch_size": 8, "data.eval_batch_size": 8,
-      "train.eval_examples": 8, "train.progress": False,
-      "train.keep_best": 0, "train.keep_last": 3, "colar.max_compression_factor": "1",
-      "rollout.max_latent_steps": 4, "rollout.max_new_tokens": 6,
-      "jax_cache_dir": os.path.join(REPO, ".cache", "jax_cache")}
+    "data.data_dir": data_dir,
+    "data.synthetic.min_steps": 2,
+    "data.synthetic.max_steps": 2,
+    "data.synthetic.train_size": 64,
+    "data.synthetic.val_size": 8,
+    "data.synthetic.test_size": 8,
+    "data.batch_size": 8,
+    "data.eval_batch_size": 8,
+    "train.eval_examples": 8,
+    "train.progress": False,
+    "train.keep_best": 0,
+    "train.keep_last": 3,
+    "colar.factors": (1,),
+    "rollout.max_latent_steps": 4,
+    "rollout.max_new_tokens": 6,
+    "jax_cache_dir": os.path.join(REPO, ".cache", "jax_cache"),
+  }
   kv.update({f"model.arch.{k}": v for k, v in TINY_ARCH.items()})
   kv.update(over)
   return kv
 
 
-def _config(kv: dict[str, Any]) -> mlc.ConfigDict:
-  """What ``--config=configs/base.py:tiny,colar --config.k=v`` builds, in process."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("base_cfg", os.path.join(REPO, "configs",
-                                                                          "base.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny,colar")
-  for key, val in kv.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = val
-  return c
+def _config(kv: dict[str, Any]) -> config.Run:
+  """What ``--config=configs/base.py:tiny,colar --config.k=v`` builds, in process (the
+  CLI's own ``config.load`` + ``config.apply_overrides`` path)."""
+  c = config.load(os.path.join(REPO, "configs", "base.py") + ":tiny,colar")
+  c.unlock()
+  config.apply_overrides(c, [f"{k}={v}" for k, v in kv.items()])
+  return config.from_config_dict(c)
 
 
 @pytest.fixture(scope="session")
@@ -250,20 +278,43 @@ def sft_run(tmp_path_factory) -> tuple[str, str]:
   """(data dir, workdir) of a 2-step CoLaR SFT run of a 1-layer model."""
   data_dir = str(tmp_path_factory.mktemp("rl_data"))
   wd = str(tmp_path_factory.mktemp("rl_sft"))
-  train_sft.train(_config(_overrides(data_dir, **{
-      "train.num_steps": 2, "train.eval_every": 0, "train.ckpt_every": 2,
-      "train.monitor": "val/loss"})), wd)
+  train_sft.train(
+    _config(
+      _overrides(
+        data_dir,
+        **{
+          "train.num_steps": 2,
+          "train.eval_every": 0,
+          "train.ckpt_every": 2,
+          "train.monitor": "val/loss",
+        },
+      )
+    ),
+    wd,
+  )
   return data_dir, wd
 
 
 def _rl_overrides(sft: tuple[str, str], **over: Any) -> dict[str, Any]:
   data_dir, wd = sft
-  return _overrides(data_dir, **{
-      "init_from": wd, "rl.questions_per_step": 2, "rl.group_size": 8,
-      "rl.exp_batch_size": 16, "rl.compression_factor": 1, "rl.lr": 1e-3,
-      "rl.punish_latent_length": True, "rl.kl_weight": 0.1, "train.eval_every": 2,
-      "train.ckpt_every": 1, "train.log_every": 1, "train.monitor": "val/accuracy",
-      **over})
+  return _overrides(
+    data_dir,
+    **{
+      "init_from": wd,
+      "rl.questions_per_step": 2,
+      "rl.group_size": 8,
+      "rl.exp_batch_size": 16,
+      "rl.compression_factor": 1,
+      "rl.optim.lr": 1e-3,
+      "rl.punish_latent_length": True,
+      "rl.kl_weight": 0.1,
+      "train.eval_every": 2,
+      "train.ckpt_every": 1,
+      "train.log_every": 1,
+      "train.monitor": "val/accuracy",
+      **over,
+    },
+  )
 
 
 def _parity(texts: list[str], golds: list[str]) -> np.ndarray:
@@ -274,44 +325,63 @@ def _parity(texts: list[str], golds: list[str]) -> np.ndarray:
 
 def test_train_rl_run_checkpoint_and_exact_resume(sft_run, tmp_path) -> None:
   ref_wd, wd = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  last = train_rl.train(_config(_rl_overrides(sft_run, **{"train.num_steps": 3})), ref_wd,
-                        score_fn=_parity)
+  last = train_rl.train(
+    _config(_rl_overrides(sft_run, **{"rl.num_steps": 3})), ref_wd, score_fn=_parity
+  )
   ref = metrics.read_jsonl(ref_wd)
   assert [r["step"] for r in ref] == [1, 2, 3] and last["step"] == 3
   for r in ref:
     assert r["logprob_gap"] <= 1e-4, r
-    for k in ("reward", "accuracy", "num_latent", "clip_frac_latent", "clip_frac_answer",
-              "kl", "grad_norm", "loss", "zero_adv_groups"):
+    for k in (
+      "reward",
+      "accuracy",
+      "num_latent",
+      "clip_frac_latent",
+      "clip_frac_answer",
+      "kl",
+      "grad_norm",
+      "loss",
+      "zero_adv_groups",
+    ):
       assert np.isfinite(r[k]), (k, r)
     assert 1.0 <= r["num_latent"] <= 4.0
   assert ref[0]["kl"] < 1e-3  # the policy starts AT the reference
   assert any(r["zero_adv_groups"] < 1 and r["answer_loss"] != 0 for r in ref)
   val = metrics.read_jsonl(ref_wd, "val")
   assert [v["step"] for v in val] == [0, 2, 3] and "val/accuracy" in val[0]
-  steps = sorted(int(s) for s in os.listdir(os.path.join(ref_wd, "checkpoints"))
-                 if s.isdigit())
+  steps = sorted(int(s) for s in os.listdir(os.path.join(ref_wd, "checkpoints")) if s.isdigit())
   assert steps == [1, 2, 3]
   # The RL checkpoint is a normal run: evaluation can load it.
-  from colar_jax import checkpointing
-  run = checkpointing.load_run(ref_wd)
+  run = trun.load_run(ref_wd)
   assert run.method == "colar" and checkpointing.read_meta(ref_wd)["stage"] == "rl"
+  assert run.run.rl.num_steps == 3 and run.run.rl.optim.lr == 1e-3
   # Stopped after 2 steps, resumed to 3: the same step-3 record.
-  c2 = _rl_overrides(sft_run, **{"train.num_steps": 2})
+  c2 = _rl_overrides(sft_run, **{"rl.num_steps": 2})
   train_rl.train(_config(c2), wd, score_fn=_parity)
-  train_rl.train(_config(_rl_overrides(sft_run, **{"train.num_steps": 3})), wd,
-                 score_fn=_parity)
+  train_rl.train(_config(_rl_overrides(sft_run, **{"rl.num_steps": 3})), wd, score_fn=_parity)
   got = metrics.read_jsonl(wd)
   assert [r["step"] for r in got] == [1, 2, 3]
-  for k in ("reward", "accuracy", "num_latent", "loss", "grad_norm", "logprob_gap",
-            "answer_loss", "latent_loss", "kl"):
+  for k in (
+    "reward",
+    "accuracy",
+    "num_latent",
+    "loss",
+    "grad_norm",
+    "logprob_gap",
+    "answer_loss",
+    "latent_loss",
+    "kl",
+  ):
     np.testing.assert_allclose(got[2][k], ref[2][k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 def test_nonfinite_reward_stops_without_checkpoint(sft_run, tmp_path) -> None:
   wd = str(tmp_path / "nan")
-  c = _config(_rl_overrides(sft_run, **{"train.num_steps": 2, "train.eval_every": 0,
-                                        "rl.kl_weight": 0.0}))
-  with pytest.raises(train_rl.NonFiniteLossError, match="at RL step 1"):
+  c = _config(
+    _rl_overrides(sft_run, **{"rl.num_steps": 2, "train.eval_every": 0, "rl.kl_weight": 0.0})
+  )
+  assert train_rl.NonFiniteLossError is hooks.NonFiniteLossError
+  with pytest.raises(hooks.NonFiniteLossError, match="at RL step 1"):
     train_rl.train(c, wd, score_fn=lambda texts, golds: np.full(len(texts), np.nan))
   assert not os.path.exists(os.path.join(wd, "checkpoints", "1"))
 
@@ -319,12 +389,22 @@ def test_nonfinite_reward_stops_without_checkpoint(sft_run, tmp_path) -> None:
 def test_cli_one_step(sft_run, tmp_path) -> None:
   """The documented command line (real answer checking: this model scores 0)."""
   wd = str(tmp_path / "cli")
-  kv = _rl_overrides(sft_run, **{"train.num_steps": 1, "train.eval_every": 0,
-                                 "rl.kl_weight": 0.0})
-  proc = subprocess.run([sys.executable, "-m", "colar_jax.train_rl",
-                         "--config=configs/base.py:tiny,colar", f"--workdir={wd}",
-                         *[f"--config.{k}={v}" for k, v in kv.items()]],
-                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  kv = _rl_overrides(sft_run, **{"rl.num_steps": 1, "train.eval_every": 0, "rl.kl_weight": 0.0})
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "colar_jax",
+      "rl",
+      "--config=configs/base.py:tiny,colar",
+      f"--workdir={wd}",
+      *[f"--config.{k}={v}" for k, v in kv.items()],
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   (rec,) = metrics.read_jsonl(wd)
   assert rec["step"] == 1 and rec["reward"] == 0.0 and rec["logprob_gap"] <= 1e-4
@@ -335,5 +415,12 @@ def test_rl_config_is_validated(sft_run, tmp_path) -> None:
   c = _config(_rl_overrides(sft_run, **{"rl.exp_batch_size": 24}))
   with pytest.raises(ValueError, match="exp_batch_size"):
     train_rl.train(c, str(tmp_path / "bad"))
-  with pytest.raises(ValueError, match="group_size"):
-    rlx.RLConfig(group_size=1)
+  # RLConfig is the config.RL section now: its ranges are checked with the whole run.
+  assert rlx.RLConfig is config.RL
+  bad = config.base_config()
+  bad.rl.group_size = 1
+  with pytest.raises(config.ConfigError, match=r"config\.rl\.group_size: must be >= 2"):
+    config.from_config_dict(bad)
+  bad.rl.group_size, bad.rl.use_latent_loss, bad.rl.use_answer_loss = 8, False, False
+  with pytest.raises(config.ConfigError, match="use_answer_loss"):
+    config.from_config_dict(bad)

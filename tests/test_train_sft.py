@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,32 +11,51 @@ import sys
 from typing import Any
 
 import jax
-import ml_collections as mlc
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import Mesh
-
-from colar_jax import checkpointing, metrics
-from colar_jax import sharding as shd
-from colar_jax import train_sft
-from colar_jax import train_state as ts
-from colar_jax.losses import LossConfig
-from colar_jax.model import CoLaRModel, ModelConfig
-
 from test_compression import sft_batch  # noqa: E402  (hand-made encode_sft_batch format)
 
-TINY = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2,
-                   num_heads=2, num_kv_heads=1, head_dim=16)
-TINY_ARCH = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                 num_kv_heads=1, head_dim=16)
+from colar_jax import config
+from colar_jax.methods.colar import ColarSettings
+from colar_jax.model import CoLaRModel, ModelConfig
+from colar_jax.model import sharding as shd
+from colar_jax.train import hooks
+from colar_jax.train import logs as metrics
+from colar_jax.train import run as trun
+from colar_jax.train import sft as train_sft
+from colar_jax.train import state as ts
+from colar_jax.weights import checkpoints as checkpointing
+
+TINY = ModelConfig(
+  vocab_size=40,
+  hidden_size=32,
+  intermediate_size=64,
+  num_layers=2,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=16,
+)
+TINY_ARCH = dict(
+  hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16
+)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def optim_cfg(**kw: Any) -> mlc.ConfigDict:
-  d = dict(lr=1e-3, weight_decay=0.01, b1=0.9, b2=0.999, warmup_steps=0, schedule="constant",
-           grad_clip=1.0, grad_accum=1)
+def optim_cfg(**kw: Any) -> config.Optim:
+  d = dict(
+    lr=1e-3,
+    weight_decay=0.01,
+    b1=0.9,
+    b2=0.999,
+    warmup_steps=0,
+    schedule="constant",
+    grad_clip=1.0,
+    grad_accum=1,
+  )
   d.update(kw)
-  return mlc.ConfigDict(d)
+  return config.Optim(**d)
 
 
 def one_device_mesh() -> Mesh:
@@ -52,7 +72,8 @@ def setup(model: CoLaRModel, mesh: Mesh, *, lora: bool = False, **optim: Any):
   tx = ts.make_optimizer(optim_cfg(**optim), 100)
   shardings = ts.state_shardings(tx, params, p_shard, mesh)
   state = ts.init_train_state(params, tx, 0, shardings)
-  train_fn, _ = ts.compile_steps(graphdef, tx, LossConfig(embed_std=0.02), shardings)
+  # CoLaR's loss settings (colar section defaults, embed_std 0.02); CoT ignores them.
+  train_fn, _ = ts.compile_steps(graphdef, tx, ColarSettings(embed_std=0.02), shardings)
   return graphdef, state, frozen, train_fn
 
 
@@ -87,8 +108,11 @@ def test_grad_accumulation_equals_one_big_step() -> None:
   accum, _ = step2(accum, frozen2, batch, method="cot", c=1)
   jax.tree.map(np.testing.assert_array_equal, start, host_params(accum))  # no update yet
   accum, _ = step2(accum, frozen2, batch, method="cot", c=1)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               host_params(plain), host_params(accum))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    host_params(plain),
+    host_params(accum),
+  )
 
 
 def test_lora_trains_adapters_and_head_only() -> None:
@@ -102,14 +126,18 @@ def test_lora_trains_adapters_and_head_only() -> None:
     state, _ = step(state, frozen, batch, method="colar", c=3)
   after = nnx.to_pure_dict(nnx.state(ts.merge_model(graphdef, state.params, frozen)))
   flat_b = dict(jax.tree_util.tree_flatten_with_path(before)[0])
-  changed = {jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_flatten_with_path(after)[0]
-             if not np.array_equal(np.asarray(v), flat_b[p])}
+  changed = {
+    jax.tree_util.keystr(p)
+    for p, v in jax.tree_util.tree_flatten_with_path(after)[0]
+    if not np.array_equal(np.asarray(v), flat_b[p])
+  }
   assert changed, "nothing trained"
   assert all("lora" in k or "latent_head" in k for k in changed), sorted(changed)
   assert any("lora_b" in k for k in changed) and any("latent_head" in k for k in changed)
   # The frozen base is bit-identical and never part of the trainable state.
-  jax.tree.map(np.testing.assert_array_equal, frozen_before,
-               jax.tree.map(np.asarray, nnx.to_pure_dict(frozen)))
+  jax.tree.map(
+    np.testing.assert_array_equal, frozen_before, jax.tree.map(np.asarray, nnx.to_pure_dict(frozen))
+  )
   assert "embed" not in state.params["lm"]
 
 
@@ -117,11 +145,11 @@ def test_sharded_step_equals_unsharded() -> None:
   model = CoLaRModel(TINY, rngs=nnx.Rngs(0))
   batch_np = sft_batch(np.random.default_rng(2))
   out = []
-  for mesh in (one_device_mesh(),
-               shd.make_mesh(mlc.ConfigDict(dict(mesh=dict(data=2, fsdp=2, tensor=2))))):
+  for mesh in (one_device_mesh(), shd.make_mesh(dict(data=2, fsdp=2, tensor=2))):
     _, state, frozen, step = setup(model, mesh, lr=1e-4)
-    state, m = step(state, frozen, ts.put_batch(batch_np, mesh, shd.DEFAULT_RULES),
-                    method="colar", c=2)
+    state, m = step(
+      state, frozen, ts.put_batch(batch_np, mesh, shd.DEFAULT_RULES), method="colar", c=2
+    )
     out.append((host_params(state), jax.device_get(m)))
     if mesh.size > 1:  # the weights really are split across devices
       emb = state.params["lm"]["embed"]["embedding"]
@@ -135,41 +163,38 @@ def test_sharded_step_equals_unsharded() -> None:
 # ----------------------------------------------------------------------------- full runs
 def run_args(data_dir: str, **over: Any) -> list[str]:
   """CLI overrides of a tiny, fast colar run on the synthetic task."""
-  kv = {"data.data_dir": data_dir, "data.synthetic.train_size": 64,
-        "data.synthetic.val_size": 8, "data.synthetic.test_size": 8, "data.batch_size": 8,
-        "data.eval_batch_size": 8, "train.eval_examples": 8, "train.num_steps": 8,
-        "train.ckpt_every": 3, "train.eval_every": 3, "train.log_every": 2,
-        "train.monitor": "val/loss", "train.keep_last": 1, "train.keep_best": 1,
-        "train.progress": False, "colar.max_compression_factor": "1,3", "optim.lr": 1e-3,
-        "jax_cache_dir": str(os.path.join(os.path.dirname(__file__), "..", ".cache",
-                                          "jax_cache"))}
+  kv = {
+    "data.data_dir": data_dir,
+    "data.synthetic.train_size": 64,
+    "data.synthetic.val_size": 8,
+    "data.synthetic.test_size": 8,
+    "data.batch_size": 8,
+    "data.eval_batch_size": 8,
+    "train.eval_examples": 8,
+    "train.num_steps": 8,
+    "train.ckpt_every": 3,
+    "train.eval_every": 3,
+    "train.log_every": 2,
+    "train.monitor": "val/loss",
+    "train.keep_last": 1,
+    "train.keep_best": 1,
+    "train.progress": False,
+    "colar.factors": "1,3",
+    "optim.lr": 1e-3,
+    "jax_cache_dir": str(os.path.join(os.path.dirname(__file__), "..", ".cache", "jax_cache")),
+  }
   kv.update({f"model.arch.{k}": v for k, v in TINY_ARCH.items()})
   kv.update(over)
   return [f"--config.{k}={v}" for k, v in kv.items()]
 
 
-def config_from(args: list[str]) -> mlc.ConfigDict:
-  """The config the CLI would build from ``args`` (for in-process runs)."""
-  import importlib.util
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")
-  spec = importlib.util.spec_from_file_location("base_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny,colar")
-  for a in args:
-    key, val = a[len("--config."):].split("=", 1)
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    old = node[leaf]
-    if isinstance(old, bool):
-      node[leaf] = val == "True"
-    elif isinstance(old, (int, float)):
-      node[leaf] = type(old)(float(val)) if isinstance(old, float) else int(val)
-    else:
-      node[leaf] = val
-  return c
+def config_from(args: list[str]) -> config.Run:
+  """The typed config the CLI builds from ``args`` (for in-process runs): the same
+  ``config.load`` + ``config.apply_overrides`` path as ``python -m colar_jax sft``."""
+  c = config.load(os.path.join(REPO, "configs", "base.py") + ":tiny,colar")
+  c.unlock()
+  config.apply_overrides(c, [a[len("--config.") :] for a in args])
+  return config.from_config_dict(c)
 
 
 @pytest.fixture(scope="module")
@@ -185,17 +210,28 @@ def reference_run(tmp_path_factory, data_dir: str) -> str:
   return wd
 
 
-def cli(workdir: str, args: list[str], env: dict[str, str] | None = None,
-        cwd: str | None = None) -> subprocess.CompletedProcess:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def cli(
+  workdir: str, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None
+) -> subprocess.CompletedProcess:
   return subprocess.run(
-      [sys.executable, "-m", "colar_jax.train_sft", "--config=configs/base.py:tiny,colar",
-       f"--workdir={workdir}", *args], cwd=cwd or root, capture_output=True, text=True,
-      env={**os.environ, **(env or {})}, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "colar_jax",
+      "sft",
+      "--config=configs/base.py:tiny,colar",
+      f"--workdir={workdir}",
+      *args,
+    ],
+    cwd=cwd or REPO,
+    capture_output=True,
+    text=True,
+    env={**os.environ, **(env or {})},
+    timeout=600,
+  )
 
 
-def test_kill_and_resume_reproduces_loss_curve(reference_run: str, data_dir: str,
-                                               tmp_path) -> None:
+def test_kill_and_resume_reproduces_loss_curve(reference_run: str, data_dir: str, tmp_path) -> None:
   wd = str(tmp_path / "killed")
   args = run_args(data_dir)
   killed = cli(wd, args, env={train_sft.KILL_ENV: "7"})
@@ -225,14 +261,14 @@ def test_checkpoint_contents_and_load(reference_run: str) -> None:
   with open(os.path.join(reference_run, "config.json")) as f:
     cfg = json.load(f)
   assert cfg["model"]["arch"]["vocab_size"] > 10  # from the char tokenizer
-  run = checkpointing.load_run(reference_run, mesh=one_device_mesh())
+  run = trun.load_run(reference_run, mesh=one_device_mesh())
   assert run.method == "colar" and run.embed_std == meta["embed_std"]
+  assert run.run.colar.factors == (1, 3)  # the typed config round-trips the meta
   root, step = checkpointing.resolve(reference_run)
   assert step == 8 and root.endswith("checkpoints")
   # init_from: a new run starts from exactly these weights.
-  c = checkpointing.config_from_meta(meta)
-  c.init_from = reference_run
-  model, base = checkpointing.build_model(c, one_device_mesh(), shd.DEFAULT_RULES)
+  c = dataclasses.replace(trun.run_of_meta(meta), init_from=reference_run)
+  model, base = trun.build_model(c, one_device_mesh(), shd.DEFAULT_RULES)
   assert base["kind"] == "run"
   a = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   b = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(run.model)))
@@ -241,11 +277,21 @@ def test_checkpoint_contents_and_load(reference_run: str) -> None:
 
 def test_nan_guard_stops_and_never_saves_nan(data_dir: str, tmp_path) -> None:
   wd = str(tmp_path / "nan")
-  c = config_from(run_args(data_dir, **{"optim.lr": 1e30, "optim.grad_clip": 0.0,
-                                        "train.ckpt_every": 1, "train.eval_every": 0,
-                                        "train.log_every": 1,
-                                        "colar.max_compression_factor": "1"}))
-  with pytest.raises(train_sft.NonFiniteLossError, match=r"at step \d+") as err:
+  c = config_from(
+    run_args(
+      data_dir,
+      **{
+        "optim.lr": 1e30,
+        "optim.grad_clip": 0.0,
+        "train.ckpt_every": 1,
+        "train.eval_every": 0,
+        "train.log_every": 1,
+        "colar.factors": "1",
+      },
+    )
+  )
+  assert train_sft.NonFiniteLossError is hooks.NonFiniteLossError
+  with pytest.raises(hooks.NonFiniteLossError, match=r"at step \d+") as err:
     train_sft.train(c, wd)
   assert "\n" not in str(err.value)
   bad = int(str(err.value).split("at step ")[1].split()[0])
@@ -253,11 +299,16 @@ def test_nan_guard_stops_and_never_saves_nan(data_dir: str, tmp_path) -> None:
   assert all(s < bad for s in steps)
   if steps:
     mesh = one_device_mesh()
-    model, _ = checkpointing.load_model(wd, mesh, shd.DEFAULT_RULES)
+    model, _ = trun.load_model(wd, mesh, shd.DEFAULT_RULES)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
 
 
 def test_cli_rejects_unknown_key(tmp_path) -> None:
+  """A misspelt key is a user error: one ``error:`` line naming the nearest key, no
+  traceback, nothing written."""
   res = cli(str(tmp_path / "w"), ["--config.train.num_stepz=3"])
-  assert res.returncode != 0
-  assert "num_stepz" in res.stderr
+  assert res.returncode == 1, res.stderr[-2000:]
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.train.num_stepz: no such key"), res.stderr[-2000:]
+  assert "train.num_steps" in last and "Traceback" not in res.stderr
+  assert not os.path.exists(str(tmp_path / "w"))

@@ -18,39 +18,39 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Record": "records",
-    "DataFormatError": "records",
-    "SyntheticTask": "synthetic",
-    "BUILDERS": "builders",
-    "get_builder": "builders",
-    "prepare": "builders",
-    "load_source": "builders",
-    "synthetic_config": "builders",
-    "PromptTemplates": "prompts",
-    "Buckets": "prompts",
-    "Speed": "prompts",
-    "EncodeStats": "prompts",
-    "encode_sft_batch": "prompts",
-    "encode_prompt_batch": "prompts",
-    "load_tokenizer": "prompts",
-    "train_char_tokenizer": "prompts",
-    "char_tokenizer_corpus": "prompts",
-    "separator_id": "prompts",
-    "SpeedSampler": "pipeline",
-    "TrainPipeline": "pipeline",
-    "make_train_pipeline": "pipeline",
-    "make_sft_encode_fn": "pipeline",
-    "SftEncoder": "pipeline",
-    "eval_batches": "pipeline",
-    "EvalBatch": "pipeline",
-    "extract_answer": "answers",
-    "is_correct": "answers",
+  "Record": "records",
+  "DataFormatError": "records",
+  "SyntheticTask": "synthetic",
+  "BUILDERS": "builders",
+  "get_builder": "builders",
+  "prepare": "builders",
+  "load_source": "builders",
+  "synthetic_config": "builders",
+  "PromptTemplates": "prompts",
+  "Buckets": "prompts",
+  "Speed": "prompts",
+  "EncodeStats": "prompts",
+  "encode_sft_batch": "prompts",
+  "encode_prompt_batch": "prompts",
+  "load_tokenizer": "prompts",
+  "train_char_tokenizer": "prompts",
+  "char_tokenizer_corpus": "prompts",
+  "separator_id": "prompts",
+  "SpeedSampler": "pipeline",
+  "TrainPipeline": "pipeline",
+  "make_train_pipeline": "pipeline",
+  "make_sft_encode_fn": "pipeline",
+  "SftEncoder": "pipeline",
+  "eval_batches": "pipeline",
+  "EvalBatch": "pipeline",
+  "extract_answer": "answers",
+  "is_correct": "answers",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

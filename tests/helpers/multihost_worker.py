@@ -13,28 +13,44 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 import jax.numpy as jnp  # noqa: E402
-import ml_collections as mlc  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from colar_jax import sharding as sh  # noqa: E402
+from colar_jax import config  # noqa: E402
 from colar_jax.model import CoLaRModel, ModelConfig  # noqa: E402
+from colar_jax.model import sharding as sh  # noqa: E402
 
 
 def main() -> None:
   nproc, pid, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-  cfg = mlc.ConfigDict({
+  # The typed config sections a run hands to the sharding layer (run.distributed,
+  # run.mesh), built through the schema so they are validated like a real run's.
+  run = config.from_config_dict(
+    {
       "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
-      "distributed": {"initialize": "true" if nproc > 1 else "false",
-                      "coordinator_address": f"localhost:{port}" if nproc > 1 else "",
-                      "num_processes": nproc, "process_id": pid}})
-  sh.maybe_initialize_distributed(cfg)
-  mesh = sh.make_mesh(cfg)
+      "distributed": {
+        "initialize": "true" if nproc > 1 else "false",
+        "coordinator_address": f"localhost:{port}" if nproc > 1 else "",
+        "num_processes": nproc,
+        "process_id": pid,
+      },
+    }
+  )
+  sh.maybe_initialize_distributed(run.distributed)
+  assert jax.process_count() == nproc, (jax.process_count(), nproc)
+  mesh = sh.make_mesh(run.mesh)
   sh.check_process_layout(mesh)
   rules = sh.DEFAULT_RULES
-  mc = ModelConfig(vocab_size=48, hidden_size=64, intermediate_size=128, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=16)
+  mc = ModelConfig(
+    vocab_size=48,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+  )
   model = sh.create_sharded(lambda: CoLaRModel(mc, rngs=nnx.Rngs(0)), mesh, rules)
   graphdef, state = nnx.split(model)
   tx = optax.adamw(3e-3)

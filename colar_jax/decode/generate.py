@@ -1,0 +1,157 @@
+"""Answering questions with a method: prompts -> the jitted rollout -> decoded outputs.
+
+Every method is decoded by the same rollout (:mod:`colar_jax.decode.rollout`); only the
+prompt (``Method.prompt``) and the rollout settings (``Method.rollout_overrides``)
+differ, and both come from the method's own file, so training and decoding can never
+disagree.
+
+Chain length #L: latent steps for latent methods; for token methods (CoT) the number of
+generated tokens before the first separator (all tokens if none; the reference's
+``index(###) - 1`` subtracts one more token, a template artefact we do not copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from colar_jax import methods
+from colar_jax.data import answers as answer_lib
+from colar_jax.data import prompts
+from colar_jax.decode.rollout import RolloutConfig, rollout
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """One decoded output: text (special tokens removed), chain length, token count."""
+
+  text: str
+  num_latent: int
+  answer_length: int
+
+
+# (questions, dataset indices, compression factor, seed) -> one Generation per question.
+GenerateFn = Callable[[Sequence[str], Sequence[int], int, int], list[Generation]]
+
+
+def reasoning_length(ids: Sequence[int], separator_id: int) -> int:
+  """Tokens before the first separator (all of them when there is none)."""
+  ids = list(ids)
+  return ids.index(separator_id) if separator_id in ids else len(ids)
+
+
+def method_rollout_config(
+  base: RolloutConfig, method: str, run: Any, model_cfg: Any = None
+) -> RolloutConfig:
+  """The rollout that decodes ``method``: ``base`` plus the method's own overrides
+  (latent mode, fixed number of thoughts, ``latent_proj`` when the model has one)."""
+  proj = int(getattr(model_cfg, "latent_proj_size", 0) or 0)
+  return base.replace(**methods.get(method).rollout_overrides(run, proj))
+
+
+def make_generate_fn(
+  model: Any,
+  tokenizer: Any,
+  method: str,
+  rollout_cfg: RolloutConfig,
+  *,
+  batch_size: int,
+  run: Any,
+  templates: prompts.PromptTemplates | None = None,
+  buckets: prompts.Buckets | None = None,
+) -> GenerateFn:
+  """A GenerateFn decoding with the jitted rollout.
+
+  The model is split ONCE here. Batches are padded to exactly ``batch_size`` rows (so
+  the last, short batch reuses the same program) and prompts to the data buckets;
+  dataset indices are the RNG row ids, so a question's sample does not depend on the
+  batch it lands in.
+  """
+  spec = methods.get(method).prompt
+  templates = templates or prompts.PromptTemplates()
+  buckets = buckets or prompts.Buckets()
+  cfg = method_rollout_config(rollout_cfg, method, run, getattr(model, "cfg", None))
+  graphdef, state = nnx.split(model)
+
+  def generate(
+    questions: Sequence[str], indices: Sequence[int], factor: int, seed: int
+  ) -> list[Generation]:
+    enc = prompts.encode_prompt_batch(
+      list(questions),
+      tokenizer,
+      templates,
+      spec.speed_for(factor),
+      buckets,
+      append_separator=spec.separator,
+    )
+    out = rollout(
+      graphdef,
+      state,
+      enc["question_ids"],
+      enc["question_mask"],
+      jax.random.key(seed),
+      cfg,
+      row_ids=np.asarray(indices, np.int32),
+      batch_buckets=(batch_size,),
+    )
+    ids, mask, n_lat = jax.device_get((out.answer_ids, out.answer_mask, out.num_latents))
+    gens = []
+    for i in range(len(questions)):
+      row = ids[i][mask[i]].tolist()
+      n = reasoning_length(row, cfg.separator_id) if cfg.latent_mode == "none" else int(n_lat[i])
+      text = tokenizer.decode(row, skip_special_tokens=True)
+      gens.append(Generation(text=text, num_latent=n, answer_length=len(row)))
+    return gens
+
+  return generate
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+  """Per-question correctness and lengths of one (factor, seed) pass."""
+
+  predictions: list[str]
+  correct: np.ndarray  # [n] bool
+  num_latent: np.ndarray  # [n]
+  answer_length: np.ndarray  # [n]
+  generations: list[Generation]
+
+
+def answer_all(
+  generate_fn: GenerateFn,
+  questions: Sequence[str],
+  answers: Sequence[str],
+  *,
+  factor: int,
+  seed: int,
+  batch_size: int,
+  answer_prefix: str,
+  answer_kind: str = "number",
+  on_batch: Callable[[], None] | None = None,
+) -> Scored:
+  """Decodes every question in batches of ``batch_size`` and checks each answer."""
+  if len(questions) != len(answers):
+    raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+  n = len(questions)
+  gens: list[Generation] = []
+  for s in range(0, n, batch_size):
+    idx = list(range(s, min(s + batch_size, n)))
+    gens += generate_fn([questions[i] for i in idx], idx, factor, seed)
+    if on_batch is not None:
+      on_batch()
+  preds = [answer_lib.extract_answer(g.text, answer_prefix) for g in gens]
+  correct = np.asarray(
+    [bool(answer_lib.is_correct(p, a, answer_kind)) for p, a in zip(preds, answers)], bool
+  )
+  return Scored(
+    predictions=preds,
+    correct=correct,
+    num_latent=np.asarray([g.num_latent for g in gens], np.float64),
+    answer_length=np.asarray([g.answer_length for g in gens], np.float64),
+    generations=gens,
+  )
