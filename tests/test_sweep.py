@@ -105,3 +105,81 @@ def test_collect_reads_eval_jsons(sweep, tmp_path, capsys):
   }
   sweep.print_table(rows)
   assert "001_b" in capsys.readouterr().out
+
+
+# A stand-in trainer / evaluator: writes what the real ones write into --workdir
+# (metrics.jsonl train and val lines; eval/<name>.json), fails for --config.seed=13.
+FAKE = """
+import json, os, sys
+args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[2:] if "=" in a)
+wd = args["workdir"]
+os.makedirs(wd, exist_ok=True)
+if args.get("config.seed") == "13":
+  sys.exit(3)
+if sys.argv[1] == "train":
+  with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+    for step in (1, 2):
+      f.write(json.dumps(dict(kind="train", step=step, loss=1.0 / step)) + "\\n")
+    f.write(json.dumps({"kind": "val", "step": 2, "val/accuracy": float(args["config.seed"]) / 10}) + "\\n")
+else:
+  assert os.path.isfile(os.path.join(wd, "metrics.jsonl")), "eval ran before training"
+  os.makedirs(os.path.join(wd, "eval"), exist_ok=True)
+  with open(os.path.join(wd, "eval", "synthetic_test.json"), "w") as f:
+    json.dump({"factors": {"2": {"accuracy": 0.9, "num_latent": 6.0}}}, f)
+"""
+
+
+def test_run_chains_train_then_eval_in_parallel_and_collects(sweep, tmp_path, capsys):
+  fake = tmp_path / "fake.py"
+  fake.write_text(FAKE)
+  f = tmp_path / "s.py"
+  f.write_text("def get_sweep(h):\n  return h.sweep('config.seed', [1, 2, 13])\n")
+  root = tmp_path / "R"
+  rc = sweep.main(
+    [
+      "run",
+      str(f),
+      "--cmd",
+      f"python {fake} train",
+      "--eval_cmd",
+      f"python {fake} eval",
+      "--root",
+      str(root),
+      "--parallel",
+      "2",
+    ]
+  )
+  assert rc == 1  # the seed-13 point failed, the others ran through
+  out = capsys.readouterr().out
+  assert out.count("[sweep] done") == 2 and out.count("FAILED (3)") == 1
+  rows = sweep.collect(str(root))
+  final = {r["run"]: r for r in rows if r["eval"] == "final"}
+  assert sorted(final) == ["000_seed=1", "001_seed=2"]
+  assert final["001_seed=2"]["val_accuracy"] == 0.2
+  assert final["001_seed=2"]["train_step"] == 2 and final["001_seed=2"]["train_loss"] == 0.5
+  evals = [r for r in rows if r["eval"] == "synthetic_test"]
+  assert [(r["run"], r["c"], r["accuracy"]) for r in evals] == [
+    ("000_seed=1", "2", 0.9),
+    ("001_seed=2", "2", 0.9),
+  ]
+  assert (root / "002_seed=13" / "sweep.log").is_file()
+  assert not (root / "002_seed=13" / "eval").exists()  # its eval never ran
+
+
+def test_emit_slurm_and_pod(sweep, tmp_path):
+  f = tmp_path / "s.py"
+  f.write_text("def get_sweep(h):\n  return h.sweep('config.seed', [1, 2])\n")
+  points = sweep.chains(
+    sweep.load_sweep(str(f)), BASE_CMD, "R", "python -m colar_jax eval --seeds=3"
+  )
+  script = sweep.emit(points, "slurm").splitlines()
+  assert "#SBATCH --array=0-1" in script
+  case1 = next(ln for ln in script if ln.strip().startswith("1)"))
+  train, ev = case1.strip()[3:].removesuffix(" ;;").split(" && ")
+  assert train == f"{BASE_CMD} --workdir=R/001_seed=2 --config.seed=2"
+  assert ev == "python -m colar_jax eval --seeds=3 --workdir=R/001_seed=2"
+  pod = sweep.emit(points, "pod", pod="p1", zone="z").splitlines()
+  assert len(pod) == 4 and pod[0].startswith("launch/tpu_pod.sh run p1 z --job 000_seed=1.0 -- ")
+  assert pod[1].endswith("eval --seeds=3 --workdir=R/000_seed=1")
+  with pytest.raises(ValueError, match="slurm or pod"):
+    sweep.emit(points, "k8s")
