@@ -13,21 +13,24 @@ Adding a command is one function here, decorated with :func:`command`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import resource
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import jax
 import ml_collections as mlc
 from absl import logging as absl_logging
 
 from colar_jax import config as cfglib
-from colar_jax import demo, evaluate
+from colar_jax import demo, evaluate, methods
 from colar_jax.data import answers as answer_lib
 from colar_jax.data import builders
 from colar_jax.data.records import DataFormatError, Record
@@ -36,11 +39,35 @@ from colar_jax.model import sharding as shd
 from colar_jax.train import sft
 from colar_jax.train.hooks import NonFiniteLossError, answer_kind
 from colar_jax.train.rl import loop as rl_loop
-from colar_jax.train.run import data_dir_of, load_run, setup_compile_cache
-from colar_jax.weights import convert
+from colar_jax.train.run import (
+  check_source,
+  check_split,
+  data_dir_of,
+  load_run,
+  prepare_data,
+  run_of_meta,
+  setup_compile_cache,
+)
+from colar_jax.train.workdir import WorkdirBusyError
+from colar_jax.weights import checkpoints, convert, export
 
 PROG = "python -m colar_jax"
-USER_ERRORS = (cfglib.ConfigError, NonFiniteLossError, DataFormatError, FileNotFoundError)
+
+
+class OutOfMemoryError(RuntimeError):
+  """XLA ran out of device memory in training; the message says what to lower."""
+
+
+USER_ERRORS = (
+  cfglib.ConfigError,
+  NonFiniteLossError,
+  DataFormatError,
+  FileNotFoundError,
+  OutOfMemoryError,
+  checkpoints.RunFileError,  # an unreadable checkpoint / tokenizer, named
+  checkpoints.WriteError,  # a full disk / read-only filesystem: the path + last checkpoint
+  WorkdirBusyError,  # another trainer holds the workdir: its host + pid
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +148,9 @@ def _logging(verbose: bool = False, quiet: bool = False) -> None:
   if not verbose:
     for name in ("absl", "orbax", "jax", "tensorflow_datasets", "grain"):
       logging.getLogger(name).setLevel(logging.ERROR)
+    # Orbax logs each failed write of a save at ERROR with its traceback (hundreds of
+    # lines before the one the save raises, which we turn into one line).
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -128,13 +158,53 @@ def _logging(verbose: bool = False, quiet: bool = False) -> None:
 # Commands
 # ----------------------------------------------------------------------------
 _WORKDIR = arg("--workdir", required=True, help="run directory (checkpoints, logs, config)")
+_ALLOW_CHANGE = arg(
+  "--allow_config_change",
+  action="store_true",
+  help="resume although keys other than the cadences / num_steps changed (recorded in "
+  "WORKDIR/config_changes.jsonl)",
+)
 
 
-def _train(args: argparse.Namespace, overrides: list[str], train_fn: Callable) -> None:
+def oom_hint(run: cfglib.Run, command: str) -> str:
+  """The one line an out-of-memory training run exits with: what to turn on / lower."""
+  if command == "rl":
+    rl = run.rl
+    batch = (
+      f"--config.rl.exp_batch_size (now {rl.exp_batch_size}) or the rollout batch "
+      f"--config.rl.questions_per_step x rl.group_size (now {rl.questions_per_step} x "
+      f"{rl.group_size})"
+    )
+  else:
+    batch = f"--config.data.batch_size (now {run.data.batch_size})"
+  remat = (
+    "--config.model.remat is already on; lower"
+    if run.model.remat
+    else "turn on --config.model.remat=true (recompute activations) and/or lower"
+  )
+  return f"{command}: out of device memory (XLA RESOURCE_EXHAUSTED): {remat} {batch}"
+
+
+@contextlib.contextmanager
+def _oom_as_user_error(hint: str) -> Iterator[None]:
+  """XLA's out-of-memory error (a JaxRuntimeError saying RESOURCE_EXHAUSTED, raised at
+  compile or run time) -> :class:`OutOfMemoryError` with ``hint``; others pass."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise OutOfMemoryError(hint) from e
+
+
+def _train(
+  args: argparse.Namespace, overrides: list[str], train_fn: Callable, command: str
+) -> None:
   run = resolve_config(args.config, overrides)
   setup_compile_cache(run.jax_cache_dir)
   shd.maybe_initialize_distributed(run.distributed)
-  last = train_fn(run, args.workdir)
+  with _oom_as_user_error(oom_hint(run, command)):
+    last = train_fn(run, args.workdir, allow_config_change=args.allow_config_change)
   logging.info("done: %s", {k: last[k] for k in sorted(last) if k not in ("kind",)})
 
 
@@ -142,20 +212,22 @@ def _train(args: argparse.Namespace, overrides: list[str], train_fn: Callable) -
   "sft",
   "supervised training of any method (cot, colar, nocot, icot, coconut, distill)",
   _WORKDIR,
+  _ALLOW_CHANGE,
   config_help="config file[:arg], e.g. configs/base.py:tiny,colar",
 )
 def sft_cmd(args: argparse.Namespace, overrides: list[str]) -> None:
-  _train(args, overrides, sft.train)
+  _train(args, overrides, sft.train, "sft")
 
 
 @command(
   "rl",
   "stage 2: GRPO over the latent policy of a CoLaR run (set --config.init_from)",
   _WORKDIR,
+  _ALLOW_CHANGE,
   config_help="config file[:arg], e.g. configs/demo.py:rl",
 )
 def rl_cmd(args: argparse.Namespace, overrides: list[str]) -> None:
-  _train(args, overrides, rl_loop.train)
+  _train(args, overrides, rl_loop.train, "rl")
 
 
 def _factors(text: str) -> list[int]:
@@ -198,14 +270,38 @@ def eval_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
   factors = _factors(args.compression)
   if args.seeds < 1:
     raise cfglib.ConfigError("config: --seeds must be >= 1")
+  if args.dataset and args.dataset not in builders.BUILDERS:
+    raise cfglib.ConfigError(
+      f"config: --dataset: unknown dataset {args.dataset!r}; known: "
+      f"{', '.join(sorted(builders.BUILDERS))}"
+    )
+  if not export.is_export(args.workdir):
+    checkpoints.step_dirs(args.workdir)  # no run there: say so before writing anything
+  out_dir = args.out_dir or os.path.join(args.workdir, "eval")
+  _check_writable(
+    out_dir, "" if args.out_dir else "; pass --out_dir to write the results elsewhere"
+  )
+  # The questions first (an unknown split fails before the model loads), from the saved
+  # config; an export (no checkpoint to read it from) after loading.
+  saved = _saved_run(args.workdir)
+  qa = None
+  if saved is not None:
+    base = cfglib.to_config_dict(saved[0])
+    qa = _eval_questions(args, resolve_config(args.config, overrides, base=base))
   lr = load_run(args.workdir)
   run = resolve_config(args.config, overrides, base=cfglib.to_config_dict(lr.run))
   setup_compile_cache(run.jax_cache_dir)
   data = dataclasses.replace(run.data, dataset=args.dataset or run.data.dataset)
-  data_dir = args.data_dir or data_dir_of(run, args.workdir)
-  questions, golds = builders.load_questions(data, args.split, data_dir, source=args.source)
+  questions, golds = qa or _eval_questions(args, run)
   if args.max_examples:
     questions, golds = questions[: args.max_examples], golds[: args.max_examples]
+  trained = _trained_factors(lr.run, lr.meta, args.method or lr.method)
+  if trained and set(factors) - set(trained):
+    logging.warning(
+      "--compression %s: the run was trained at thinking speeds %s only",
+      args.compression,
+      ", ".join(map(str, trained)),
+    )
   rc = lr.rollout_config(run.rollout, **({"greedy": True} if args.greedy else {}))
   return evaluate.evaluate(
     lr.model,
@@ -218,7 +314,7 @@ def eval_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     args.batch_size or run.data.eval_batch_size,
     rc,
     run=run,
-    out_dir=args.out_dir or os.path.join(args.workdir, "eval"),
+    out_dir=out_dir,
     name=f"{data.dataset}_{args.split}",
     templates=lr.templates,
     buckets=lr.buckets,
@@ -226,6 +322,68 @@ def eval_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     progress=not args.no_progress,
     extra=dict(checkpoint=lr.meta["checkpoint"], step=lr.meta.get("step")),
   )
+
+
+def _check_writable(path: str, hint: str) -> None:
+  """Results can be written to ``path`` (checked before any work; ``hint``: what to do)."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise checkpoints.WriteError(f"cannot write {path}: {e.strerror}{hint}") from None
+
+
+def _saved_run(workdir: str) -> tuple[cfglib.Run, dict[str, Any]] | None:
+  """(config, checkpoint meta) of a trained run without its weights (None: an export, or
+  no checkpoint)."""
+  if export.is_export(workdir):
+    return None
+  try:
+    meta = checkpoints.read_meta(workdir)
+  except FileNotFoundError:  # loading the run says so
+    return None
+  return run_of_meta(meta), meta
+
+
+def _eval_questions(args: argparse.Namespace, run: cfglib.Run) -> tuple[list[str], list[str]]:
+  """(questions, golds) of --dataset / --split; a bad split or source in one line."""
+  data = dataclasses.replace(run.data, dataset=args.dataset or run.data.dataset)
+  data_dir = args.data_dir or data_dir_of(run, args.workdir)
+  source = args.source or data.source or None
+  if args.source:
+    check_source(args.source, "--source")
+  try:
+    sizes = prepare_data(
+      data.dataset, data_dir, source=source, config=builders.builder_config(data)
+    ).sizes
+  except (DataFormatError, cfglib.ConfigError):
+    raise
+  except ValueError as e:  # e.g. a dataset that needs --source and is not prepared
+    raise cfglib.ConfigError(f"config: eval: {e}") from None
+  check_split(data.dataset, sizes, args.split, "--split")
+  return builders.load_questions(data, args.split, data_dir, source=source)
+
+
+def _trained_factors(run: cfglib.Run, meta: dict[str, Any], method: str) -> tuple[int, ...]:
+  """The thinking speeds a run was trained at (its config; GRPO adds its own); () when
+  the method's prompt has no speed."""
+  m = methods.get(method)
+  if not m.prompt.uses_factor:
+    return ()
+  factors = set(m.train_factors(run))
+  if meta.get("stage") == "rl" or meta.get("export", {}).get("stage") == "rl":
+    factors.add(int(run.rl.compression_factor))
+  return tuple(sorted(factors))
+
+
+def _check_speed(run: cfglib.Run, meta: dict[str, Any], method: str, speed: int) -> None:
+  trained = _trained_factors(run, meta, method)
+  if trained and speed not in trained:
+    raise cfglib.ConfigError(
+      f"config: --speed {speed}: the run was trained at thinking speeds "
+      f"{', '.join(map(str, trained))} only (colar.factors of its config)"
+    )
 
 
 def format_generation(g: Generation, answer_prefix: str = "Answer:") -> str:
@@ -260,9 +418,15 @@ def generate_cmd(
 ) -> None:
   if not args.interactive and not args.question:
     raise cfglib.ConfigError("config: give a question or --interactive")
+  if args.question and not " ".join(args.question).strip():
+    raise cfglib.ConfigError("config: the question is empty")
   if args.speed < 1:
     raise cfglib.ConfigError("config: --speed must be >= 1")
+  saved = _saved_run(args.workdir)  # the speed is checked before the model loads
+  if saved is not None:
+    _check_speed(*saved, args.method or saved[0].method, args.speed)
   lr = load_run(args.workdir)
+  _check_speed(lr.run, lr.meta, args.method or lr.method, args.speed)
   run = resolve_config(args.config, overrides, base=cfglib.to_config_dict(lr.run))
   rc = lr.rollout_config(run.rollout, **({"greedy": True} if args.greedy else {}))
   gen = make_generate_fn(
@@ -296,6 +460,8 @@ def generate_cmd(
 )
 def convert_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
   resolve_config(args.config, overrides)  # validates any given overrides
+  if not os.path.exists(args.src):
+    raise cfglib.ConfigError(f"config: {args.direction}: {args.src} does not exist")
   t0 = time.time()
   mesh = convert.parse_mesh(args.mesh)
   try:
@@ -307,6 +473,39 @@ def convert_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
     raise cfglib.ConfigError(f"config: {args.direction}: {e.args[0] if e.args else e}") from None
   summary["seconds"] = round(time.time() - t0, 1)
   summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  print(json.dumps(summary))
+  return summary
+
+
+@command(
+  "export",
+  "a trained run as a Hugging Face directory (LoRA merged) plus its CoLaR parts",
+  _WORKDIR,
+  arg("dst", help="output directory (transformers loads it; eval/generate take it)"),
+  arg("--dtype", default=None, help="LM weights dtype (default: the stored one)"),
+  config_help="unused (the run's own config is exported)",
+)
+def export_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+  resolve_config(args.config, overrides)  # validates any given overrides
+  if export.is_export(args.workdir):
+    raise cfglib.ConfigError(f"config: --workdir {args.workdir} is already an export")
+  lr = load_run(args.workdir)
+  mc = lr.model.cfg
+  info = dict(
+    method=lr.method,
+    embed_std=lr.embed_std,
+    step=lr.meta.get("step"),
+    source=lr.meta["checkpoint"],
+    templates=dataclasses.asdict(lr.templates),
+    factors=list(methods.get(lr.method).train_factors(lr.run)),
+    latent_proj_size=int(mc.latent_proj_size),
+    param_dtype=str(args.dtype or mc.param_dtype),
+    pad_as_eos=bool(lr.run.model.hf_dir),
+    config=cfglib.to_dict(lr.run),
+  )
+  summary = export.export_model(
+    lr.model, args.dst, tokenizer_dir=lr.meta["tokenizer_dir"], info=info, dtype=args.dtype
+  )
   print(json.dumps(summary))
   return summary
 
@@ -336,16 +535,18 @@ def data_cmd(args: argparse.Namespace, overrides: list[str]) -> int:
       raise cfglib.ConfigError(
         "config: synthetic takes --config.data.synthetic.KEY=VALUE, not --builder_config"
       )
+  if args.action == "prepare" and args.source:
+    check_source(args.source, "--source")
   try:  # too few distinct problems, no --source where needed, an unknown --builder_config
     if args.dataset == "synthetic":
       bcfg = builders.synthetic_config(builders.synthetic_task(run.data.synthetic))
     if args.action == "prepare":
-      result = builders.prepare(
+      result = prepare_data(
         args.dataset, args.data_dir, source=args.source, config=bcfg, skip_bad=args.skip_bad
       )
     else:
       builder = builders.get_builder(args.dataset, args.data_dir, config=bcfg)
-  except DataFormatError:
+  except (DataFormatError, cfglib.ConfigError):
     raise
   except ValueError as e:
     raise cfglib.ConfigError(f"config: data {args.action}: {e}") from None
@@ -399,6 +600,15 @@ def data_cmd(args: argparse.Namespace, overrides: list[str]) -> int:
   quiet=True,
 )
 def demo_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+  with _oom_as_user_error(
+    "demo: out of device memory (XLA RESOURCE_EXHAUSTED): turn on --config.model.remat=true "
+    "(recompute activations) and/or lower --config.data.batch_size (SFT phases) / "
+    "--config.rl.exp_batch_size (GRPO)"
+  ):
+    return _demo(args, overrides)
+
+
+def _demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
   return demo.run_pipeline(
     args.workdir,
     config_file=args.config or demo.DEMO_CONFIG,

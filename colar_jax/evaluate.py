@@ -117,7 +117,8 @@ def evaluate(
   prompt ignores c (all but CoLaR) are evaluated once, under the first factor.
   With ``out_dir``: ``<name>.jsonl`` (one record per question, factor and seed),
   ``<name>.json`` (the returned summary, plus ``extra``) and ``<name>.png``; ``name``
-  defaults to ``eval_<method>``.
+  defaults to ``eval_<method>``. ``extra``'s ``checkpoint`` and ``step`` (what was
+  evaluated) also go into every JSONL record and head the printed table.
   """
   if len(questions) != len(answers):
     raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
@@ -138,6 +139,7 @@ def evaluate(
       templates=templates,
       buckets=buckets,
     )
+  stamp = {k: extra[k] for k in ("checkpoint", "step") if extra and k in extra}
   n = len(questions)
   n_batches = -(-n // batch_size) if n else 0
   records: list[dict[str, Any]] = []
@@ -175,10 +177,13 @@ def evaluate(
             correct=bool(sc.correct[i]),
             num_latent=g.num_latent,
             answer_length=g.answer_length,
+            **stamp,
           )
         )
     summary[c] = _summarise(correct, lengths, ans_len)
   bar.close()
+  if stamp:
+    log(f"checkpoint {stamp.get('checkpoint')} (step {stamp.get('step')})")
   log(format_table(method, summary))
   result: dict[str, Any] = dict(
     method=method, num_questions=n, seeds=seed_list, factors=summary, **(extra or {})

@@ -98,6 +98,7 @@ def _common():
   c.optim.weight_decay = 0.0
   c.optim.schedule = "constant"
   c.optim.warmup_steps = 20
+  c.optim.grad_clip = 1.0  # what the demo was tuned with (the reference SFT does not clip)
   # Logging / checkpoints: one save at the end (the demo reuses finished runs).
   c.train.log_every = 50
   c.train.eval_every = 0
@@ -182,6 +183,8 @@ def get_config(arg: str = "cot"):
       c.rl.optim.warmup_steps = 20
       c.rl.punish_latent_length = True
       c.rl.eval_at_start = False
+      # Per-token mean, what the demo was tuned with (the reference: a sum / 32).
+      c.rl.average_per_token = True
   elif phase == "nocot":
     c.method = "nocot"
     c.train.num_steps = 300

@@ -148,8 +148,8 @@ def get_config(arg: str = "colar"):
     c.train.num_steps = 2000
   elif phase == "coconut":
     c.method = "coconut"
-    # 6878 train problems / 32 = 214 batches per epoch; 3 epochs per stage as the
-    # reference, stages 1..3, then at the final stage.
+    # 6878 train problems / 32 = 214 batches per epoch; 2 epochs per stage as the
+    # reference's yaml, stages 1..3, then at the final stage.
     c.train.num_steps = 3000
   if smoke:
     _smoke(c, phase)

@@ -2,11 +2,13 @@
 
 User errors exit with ``SystemExit("error: ...")``: one line that names the key."""
 
+import jax
 import pytest
 
 from colar_jax import cli
+from colar_jax.train import state as train_state
 
-ALL_COMMANDS = {"sft", "rl", "eval", "generate", "convert", "data", "demo", "config"}
+ALL_COMMANDS = {"sft", "rl", "eval", "generate", "convert", "export", "data", "demo", "config"}
 pytestmark = pytest.mark.usefixtures("restore_logging")  # main() sets up logging
 
 
@@ -95,3 +97,40 @@ def test_unrecognized_argument_is_a_usage_error(capsys):
   with pytest.raises(SystemExit) as e:
     cli.main(["config", "show", "--no_such_flag"])
   assert e.value.code == 2 and "--no_such_flag" in capsys.readouterr().err
+
+
+def _oom(*args, **kwargs):
+  raise jax.errors.JaxRuntimeError(
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 35.2GiB."
+  )
+
+
+def test_out_of_memory_names_remat_and_the_batch_size(tmp_path, monkeypatch):
+  """XLA's RESOURCE_EXHAUSTED from the jitted step -> one line naming what to change."""
+  monkeypatch.setattr(train_state, "compile_steps", lambda *a, **k: (_oom, _oom))
+  tiny = {
+    "data.data_dir": tmp_path / "data",
+    "data.synthetic.train_size": 32,
+    "data.synthetic.val_size": 8,
+    "data.synthetic.test_size": 8,
+    "data.batch_size": 8,
+    "data.eval_batch_size": 8,
+    "train.num_steps": 2,
+    "train.progress": False,
+    "model.arch.num_layers": 1,
+    "jax_cache_dir": "",
+  }
+  argv = ["sft", "--config=configs/base.py:tiny,cot", f"--workdir={tmp_path / 'w'}"]
+  msg = _error(*argv, *(f"--config.{k}={v}" for k, v in tiny.items()))
+  assert "RESOURCE_EXHAUSTED" in msg and "--config.model.remat=true" in msg
+  assert "--config.data.batch_size (now 8)" in msg
+  monkeypatch.setattr(cli.rl_loop, "train", _oom)
+  msg = _error("rl", "--config.model.remat=true", "--config.jax_cache_dir=", "--workdir=/w")
+  assert "model.remat is already on" in msg and "--config.rl.exp_batch_size (now 8)" in msg
+
+  def other(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+  monkeypatch.setattr(cli.rl_loop, "train", other)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # not a memory error
+    cli.main(["rl", "--config.jax_cache_dir=", "--workdir=/w"])

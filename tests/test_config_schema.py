@@ -30,8 +30,8 @@ def test_defaults_sample():
   assert r.data.synthetic.operators == "+-*" and r.data.synthetic.train_size == 20000
   assert r.colar.factors == (1, 2, 3, 4, 5) and r.colar.factor_weights == ()
   assert r.colar.embed_modeling_loss == "mse" and r.colar.end_latent_loss is True
-  assert r.baselines.icot == C.Curriculum(epochs_per_stage=1, start_stage=1, max_stage=3)
-  assert r.baselines.coconut.curriculum.epochs_per_stage == 3
+  assert r.baselines.icot == C.Curriculum(epochs_per_stage=2, start_stage=1, max_stage=3)
+  assert r.baselines.coconut.curriculum.epochs_per_stage == 2  # reference defaults: test_defaults
   assert r.baselines.coconut.n_latents_per_step == 2
   assert r.baselines.distill.n_latents == 6 and r.baselines.distill.use_proj is True
   assert r.optim.lr == 1e-4 and r.optim.schedule == "constant"

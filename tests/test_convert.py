@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from colar_jax import cli, config
+from colar_jax.config.schema import LORA_PROJECTIONS
 from colar_jax.model import sharding as shd
 from colar_jax.weights import convert
 from colar_jax.weights import readers as checkpoint_io
@@ -140,7 +141,9 @@ def test_lora_restore_and_merged_export(tmp_path):
   convert.save_orbax_dir(
     convert.load_hf_into_model(str(tmp_path / "hf")), None, str(tmp_path / "orbax")
   )
-  _, dec = convert.load_orbax_dir(str(tmp_path / "orbax"), lora_rank=2, lora_alpha=4.0)
+  _, dec = convert.load_orbax_dir(
+    str(tmp_path / "orbax"), lora_rank=2, lora_alpha=4.0, lora_targets=LORA_PROJECTIONS
+  )
   b = dec.layers.mlp.up_proj.lora.lora_b
   b[...] = 0.05 * jax.random.normal(jax.random.key(0), b[...].shape)
   ours = np.asarray(dec(jnp.asarray(IDS)).logits)
@@ -197,7 +200,7 @@ def test_wrong_shape_is_one_line_error(tmp_path):
 
 
 @pytest.mark.usefixtures("restore_logging")  # cli.main sets up logging
-def test_parse_mesh():
+def test_parse_mesh(tmp_path):
   assert convert.parse_mesh("") is None
   n = jax.device_count()
   assert dict(convert.parse_mesh("fsdp=-1").shape) == dict(data=1, fsdp=n, tensor=1)
@@ -206,7 +209,7 @@ def test_parse_mesh():
   with pytest.raises(config.ConfigError, match="is not AXIS=SIZE"):
     convert.parse_mesh("fsdp")
   with pytest.raises(SystemExit, match="^error: config: --mesh: unknown axes"):
-    cli.main(["convert", "orbax-to-hf", "a", "b", "--mesh", "model=2"])
+    cli.main(["convert", "orbax-to-hf", str(tmp_path), str(tmp_path / "b"), "--mesh", "model=2"])
 
 
 def test_torch_bin_source(tmp_path):

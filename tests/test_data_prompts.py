@@ -8,24 +8,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from colar_jax import config
+from colar_jax import config, methods
+from colar_jax.data import parsers
 from colar_jax.data.prompts import (
   Buckets,
   EncodeStats,
   PromptTemplates,
   Speed,
   char_tokenizer_corpus,
+  check_ends_with_separator,
   encode_prompt_batch,
   encode_sft_batch,
+  encode_with_separator,
   load_tokenizer,
   separator_id,
   train_char_tokenizer,
 )
 from colar_jax.data.records import Record
 from colar_jax.data.synthetic import make_record
+from colar_jax.methods.base import EncodeContext
 
 T = PromptTemplates()
+REPO = Path(__file__).resolve().parents[1]
 RECS = [
   make_record(2, [("*", 3), ("-", 2), ("-", 8), ("-", 7)], 10),
   make_record(5, [("+", 1), ("*", 4)], 10),
@@ -196,3 +202,169 @@ def test_templates_from_run_config_carry_the_step_joiner(tmp_path):
   path = tmp_path / "config.json"
   path.write_text(json.dumps(old))
   assert PromptTemplates.of(config.load_json(str(path)).data).steps_text(["a", "b"]) == "###a\nb"
+
+
+# ----------------------------------------------------------------------------- separator ids
+SPEEDS = (1, 2, 3, 4, 5, "auto")
+GSM_LIKE = [
+  Record(
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+    "in May. How many clips did Natalia sell altogether in April and May?",
+    ("<<48/2=24>>", "<<48+24=72>>"),
+    "72",
+  ),
+  Record(
+    "Weng earns $12 an hour for babysitting. How much did she earn for 50 minutes?",
+    (
+      "<<12/60=0.2>>",
+      "<<0.2*50=10>>",
+    ),
+    "10",
+  ),
+  Record("What is 3 (the number)?", (), "3"),  # a question ending in ')' itself
+]
+
+
+def whole(tok, text: str) -> list[int]:
+  """The ids of ``text`` tokenized as ONE string (what the encoders used to do)."""
+  return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def bpe_merging_paren_separator(out_dir: Path):
+  """A byte-level BPE whose merges make ``###`` one token and ``)###`` another: a
+  tokenizer on which ``...(Thinking speed: 2)###`` as one string does not end in ``###``."""
+  vocab = {"<pad>": 0, "<eos>": 1}
+  for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+    vocab.setdefault(ch, len(vocab))
+  merges = [("#", "#"), ("##", "#"), (")", "###")]
+  for a, b in merges:
+    vocab.setdefault(a + b, len(vocab))
+  bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = decoders.ByteLevel()
+  bpe.add_special_tokens(["<pad>", "<eos>"])
+  out_dir.mkdir(parents=True, exist_ok=True)
+  bpe.save(str(out_dir / "tokenizer.json"))
+  cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "<eos>"}
+  (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+  return load_tokenizer(out_dir)
+
+
+def _check_prompts_are_training_ids(tk, templates: PromptTemplates, records) -> None:
+  """At every speed the inference prompt is training's question part followed by the first
+  id of its steps part (the separator); the staged encoders' prompts (Coconut: ``auto``
+  and the separator) equal the inference prompt too."""
+  sep = separator_id(tk, templates)
+  qs = [r.question for r in records]
+  for speed in SPEEDS:
+    train = encode_sft_batch(records, tk, templates, speed, Buckets())
+    q_rows = visible(train["question_ids"], train["question_mask"])
+    s_rows = visible(train["steps_ids"], train["steps_mask"])
+    assert [r[0] for r in s_rows] == [sep] * len(records)
+    infer = encode_prompt_batch(qs, tk, templates, speed, Buckets())
+    assert visible(infer["question_ids"], infer["question_mask"]) == [q + [sep] for q in q_rows]
+  ctx = EncodeContext(tk, templates, Buckets())
+  staged = methods.get("coconut").encode(config.Run(), records, ctx, speed=Speed(1), stage=1)
+  infer = encode_prompt_batch(qs, tk, templates, "auto", Buckets())
+  assert visible(staged["question_ids"], staged["question_mask"]) == visible(
+    infer["question_ids"], infer["question_mask"]
+  )
+
+
+def test_a_bpe_merge_across_the_separator_no_longer_changes_the_prompt(tmp_path):
+  bpe = bpe_merging_paren_separator(tmp_path / "bpe")
+  sep = separator_id(bpe, T)
+  # The bug: as one string, the prompt's last token is ')###', not the separator.
+  one_string = whole(bpe, T.question_text(GSM_LIKE[0].question, 2) + T.separator)
+  assert one_string[-1] != sep and bpe.decode(one_string[-1:]) == ")###"
+  _check_prompts_are_training_ids(bpe, T, GSM_LIKE)
+  rows = visible(*encode_prompt_batch(["q?"], bpe, T, 2, Buckets()).values())
+  assert rows[0][-2:] == whole(bpe, ")") + [sep]
+
+
+def test_prompt_rows_must_end_with_the_separator(tok):
+  sep = separator_id(tok, T)
+  check_ends_with_separator([[5, sep], [sep]], sep, tok)
+  with pytest.raises(ValueError, match=r"prompt row 1 ends with .* not the thinking separator"):
+    check_ends_with_separator([[5, sep], [sep, 5]], sep, tok)
+  with pytest.raises(ValueError, match="prompt row 0"):
+    check_ends_with_separator([[]], sep, tok)
+
+
+def test_char_tokenizer_ids_are_those_of_the_whole_strings(tok, tmp_path):
+  """The demo's tokenizer (the separator an added token) gets exactly the ids it got when
+  every part was tokenized as one string: ``make demo`` sees the same batches."""
+  demo = PromptTemplates.of(
+    config.from_config_dict(config.load(f"{REPO / 'configs' / 'demo.py'}:cot")).data
+  )
+  demo_tok = train_char_tokenizer(char_tokenizer_corpus(RECS), tmp_path / "t", templates=demo)
+  for tk, t in ((tok, T), (demo_tok, demo)):
+    batch = encode_sft_batch(RECS, tk, t, 3, Buckets())
+    want_q = [whole(tk, t.question_text(r.question, 3)) for r in RECS]
+    want_s = [whole(tk, t.steps_text(r.steps)) for r in RECS]
+    want_a = [whole(tk, t.answer_text(r.answer)) + [tk.eos_token_id] for r in RECS]
+    assert visible(batch["question_ids"], batch["question_mask"]) == want_q
+    assert visible(batch["steps_ids"], batch["steps_mask"]) == want_s
+    assert visible(batch["answer_ids"], batch["answer_mask"]) == want_a
+    prompt = encode_prompt_batch([r.question for r in RECS], tk, t, 2, Buckets())
+    want_p = [whole(tk, t.question_text(r.question, 2) + t.separator) for r in RECS]
+    assert visible(prompt["question_ids"], prompt["question_mask"]) == want_p
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm2_gguf, tmp_path_factory):
+  """SmolLM2-135M-Instruct's tokenizer, built from its GGUF as ``convert`` does (~7 s)."""
+  from transformers import AutoTokenizer
+
+  tk = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+  out = tmp_path_factory.mktemp("smol_tok")
+  tk.save_pretrained(out)
+  return load_tokenizer(out, pad_as_eos=True)  # as a run on converted weights loads it
+
+
+def test_smollm2_prompts_are_training_ids(smol_tok):
+  _check_prompts_are_training_ids(smol_tok, T, GSM_LIKE)
+  # Training's parts keep the ids of their whole strings on this tokenizer.
+  batch = encode_sft_batch(GSM_LIKE, smol_tok, T, 2, Buckets())
+  assert visible(batch["steps_ids"], batch["steps_mask"]) == [
+    whole(smol_tok, T.steps_text(r.steps)) for r in GSM_LIKE
+  ]
+  assert visible(batch["answer_ids"], batch["answer_mask"]) == [
+    whole(smol_tok, T.answer_text(r.answer)) + [smol_tok.eos_token_id] for r in GSM_LIKE
+  ]
+
+
+@pytest.mark.slow
+def test_smollm2_ids_unchanged_on_all_of_gsm8k(smol_tok, shared_data):
+  """Every GSM8k text the encoders tokenize (both step configs, train + test, inference
+  prompts at six speeds): the separated encoding equals the one-string encoding on
+  SmolLM2, and every one-string prompt already ended in the separator (~40 s)."""
+  sep = separator_id(smol_tok, T)
+  n_texts = n_diff = n_bad_end = 0
+  for mode in ("equations", "natural"):
+    texts = []
+    for split in ("train.jsonl", "test.jsonl"):
+      for r in parsers.read_gsm8k_jsonl(shared_data / "gsm8k" / split, steps_mode=mode):
+        texts += [T.question_text(r.question, sp) + T.separator for sp in SPEEDS]
+        texts += [T.steps_text(r.steps), T.answer_text(r.answer)]
+    old = [whole(smol_tok, t) for t in texts]
+    new, _ = encode_with_separator(smol_tok, texts, T.separator)
+    n_texts += len(texts)
+    n_diff += sum(o != n for o, n in zip(old, new))
+    n_bad_end += sum(o[-1] != sep for o, t in zip(old, texts) if t.endswith(T.separator))
+  print(
+    f"\nSmolLM2 GSM8k: {n_diff} of {n_texts} texts differ; {n_bad_end} prompts not ending in ###"
+  )
+  assert n_diff == 0 and n_bad_end == 0
+  # What a CoT answer holds after its prompt (chain + ###Answer:a + EOS): the decoding
+  # budget a CoT evaluation needs (rollout.max_new_tokens).
+  test = list(parsers.read_gsm8k_jsonl(shared_data / "gsm8k" / "test.jsonl"))
+  cot = [
+    len(whole(smol_tok, T.steps.format(T.step_joiner.join(r.steps)) + T.answer_text(r.answer))) + 1
+    for r in test
+  ]
+  p50, p90, top = np.percentile(cot, [50, 90, 100])
+  print(
+    f"CoT outputs on GSM8k test: p50 {p50:.0f}, p90 {p90:.0f}, max {top:.0f} tokens; "
+    f"{np.mean(np.asarray(cot) > 32):.0%} longer than 32"
+  )

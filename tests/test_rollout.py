@@ -152,6 +152,46 @@ def test_cached_greedy_decoding_equals_full_forward_and_is_deterministic():
   assert out.answer_mask[:, 0].all()
 
 
+def test_decode_steps_equal_the_decoders_cached_calls():
+  """The rollout's unrolled decode step (own cache layout and attention core) against
+  the decoder's scanned cached call, with q/k/v biases, LoRA and grouped-query heads,
+  over steps where some rows are masked (their cache must freeze)."""
+  cfg = CFG.replace(qkv_bias=True, lora_rank=2, tie_embeddings=True)
+  lm = CoLaRModel(cfg, rngs=nnx.Rngs(1)).lm
+  for path, leaf in nnx.iter_graph(lm):  # LoRA B is zero-initialised: make it count
+    if isinstance(leaf, nnx.LoRAParam):
+      leaf[...] = jax.random.normal(jax.random.key(len(path)), leaf[...].shape) * 0.1
+  ids, mask = _prompts()
+  length = P + 4
+  pre = lm(jnp.asarray(ids), attention_mask=jnp.asarray(mask), cache=R.KVCache.init(cfg, 4, length))
+  ours = R.LayerCache.of(
+    lm(jnp.asarray(ids), attention_mask=jnp.asarray(mask), cache=R.KVCache.init(cfg, 4, P)).cache,
+    length,
+  )
+  theirs, steps = pre.cache, R._Steps(lm)
+  rng = np.random.default_rng(1)
+  for t, active in enumerate(([1, 1, 1, 1], [1, 0, 1, 1], [0, 0, 1, 1])):
+    tok = jnp.asarray(rng.integers(0, CFG.vocab_size, (4, 1)), jnp.int32)
+    act = jnp.asarray(active, bool)[:, None]
+    if t == 1:  # latent steps feed embeddings
+      emb = jax.random.normal(jax.random.key(t), (4, 1, CFG.hidden_size)) * 0.02
+      a = lm(inputs_embeds=emb, attention_mask=act, cache=theirs)
+      b = steps(inputs_embeds=emb, attention_mask=act, cache=ours)
+    else:
+      a, b = lm(tok, attention_mask=act, cache=theirs), steps(tok, attention_mask=act, cache=ours)
+    np.testing.assert_allclose(b.logits, a.logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(b.hidden, a.hidden, atol=1e-5, rtol=1e-5)
+    theirs, ours = a.cache, b.cache
+    np.testing.assert_array_equal(ours.index, theirs.index)
+    np.testing.assert_array_equal(ours.mask, theirs.mask)
+    real = np.asarray(theirs.mask)  # padding slots hold junk that nothing attends to
+    for layer in range(CFG.num_layers):  # ours: k [B, Hkv, D, S], v [B, Hkv, S, D]
+      for order, mine, ref in (((0, 3, 1, 2), ours.k, theirs.k), ((0, 2, 1, 3), ours.v, theirs.v)):
+        np.testing.assert_allclose(
+          np.transpose(mine[layer], order)[real], ref[layer][real], atol=1e-5, rtol=1e-5
+        )
+
+
 def test_max_latent_steps_respected():
   model = _model(sep_scale=0.0, others_scale=1000.0)  # the separator is never drawn
   out = _run(model)
@@ -207,6 +247,18 @@ def test_top_p_keeps_only_the_nucleus():
   assert np.asarray(greedy).tolist() == [1, 1]
 
 
+def test_answer_top_k_reaches_the_sampler():
+  """top_k = 1 decodes the answer greedily (top-p 0.9 alone would sample it)."""
+  model = _model(sep_scale=3.0)
+  det = RC.replace(latent_temperature=0.0, eot_temperature=0.0)  # deterministic latents
+  top1 = _run(model, det.replace(top_k=1), seed=3)
+  greedy = _run(model, det.replace(greedy=True), seed=4)  # the config of the greedy test
+  np.testing.assert_array_equal(top1.num_latents, greedy.num_latents)
+  np.testing.assert_array_equal(top1.answer_ids, greedy.answer_ids)
+  sampled = _run(model, seed=3)
+  assert (sampled.answer_ids != greedy.answer_ids).any()
+
+
 def test_one_compilation_per_bucket():
   model = _model()
   ids, mask = _prompts()
@@ -225,6 +277,8 @@ def test_config_validation():
     RC.replace(latent_mode="bogus")
   with pytest.raises(ValueError, match="top_p"):
     RC.replace(top_p=0.0)
+  with pytest.raises(ValueError, match="top_k"):
+    RC.replace(top_k=-1)
 
 
 class _Tok:
@@ -240,7 +294,8 @@ class _Tok:
 def test_rollout_config_of_the_typed_section():
   """The trainers' builder: the ``rollout`` section + the tokenizer's ids + overrides."""
   c = config.apply_overrides(
-    config.base_config(), ["rollout.max_latent_steps=3", "rollout.top_p=0.5", "rollout.greedy=true"]
+    config.base_config(),
+    ["rollout.max_latent_steps=3", "rollout.top_p=0.5", "rollout.top_k=7", "rollout.greedy=true"],
   )
   run = config.from_config_dict(c)
   templates = prompts.PromptTemplates.of(run.data)
@@ -257,6 +312,7 @@ def test_rollout_config_of_the_typed_section():
     max_new_tokens=16,
     temperature=1.0,
     top_p=0.5,
+    top_k=7,
     greedy=True,
   )
   assert rollout_config(run.rollout, _Tok(None), templates, 0.1).eos_id == -1
@@ -264,3 +320,6 @@ def test_rollout_config_of_the_typed_section():
     rollout_config(run.rollout, _Tok(EOS), dataclasses.replace(templates, separator="@@"), 0.1)
   with pytest.raises(config.ConfigError, match="rollout.top_p"):
     config.apply_overrides(config.base_config(), ["rollout.top_p=0"])
+  assert rollout_config(config.Rollout(), _Tok(EOS), templates, 0.1).top_k == 50  # HF's default
+  with pytest.raises(config.ConfigError, match="rollout.top_k"):
+    config.from_config_dict(config.apply_overrides(config.base_config(), ["rollout.top_k=-1"]))

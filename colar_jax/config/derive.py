@@ -21,7 +21,14 @@ from typing import Any
 import ml_collections as mlc
 from ml_collections import config_dict as mlc_cd
 
-from colar_jax.config.schema import MODEL_PRESETS, ConfigError, Run, _check, _fail
+from colar_jax.config.schema import (
+  LORA_PROJECTIONS,
+  MODEL_PRESETS,
+  ConfigError,
+  Run,
+  _check,
+  _fail,
+)
 
 # ----------------------------------------------------------------------------
 # Schema introspection.
@@ -340,6 +347,8 @@ def _parse(text: str, tp, key: str):
       return tp(text)
     if tp is str:
       return text
+    if typing.get_args(tp) == (str, Ellipsis) and not text.strip().startswith(("(", "[", "'", '"')):
+      return tuple(x.strip() for x in text.split(",") if x.strip())  # q_proj,v_proj
     v = ast.literal_eval(text) if text.strip() else ()
   except (KeyError, ValueError, TypeError, SyntaxError):
     _fail(key, f"expected {_type_name(tp)}, got {text!r}")
@@ -423,6 +432,8 @@ def upgrade_legacy(d: dict[str, Any]) -> dict[str, Any]:
     top-level ``optim`` (old RL runs shared SFT's optimizer settings).
   * ``data.synthetic.num_steps`` -> ``min_steps`` = ``max_steps``.
   * ``sharding.rules`` / ``model.arch.rope_scaling`` null -> () (old "none").
+  * ``model.lora_targets`` missing with ``model.lora_rank > 0`` -> all seven projections
+    (what LoRA runs had before the key; the default is now the reference's q/v).
   Keys still missing afterwards take the defaults.
   """
   d = copy.deepcopy(dict(d))
@@ -458,6 +469,9 @@ def upgrade_legacy(d: dict[str, Any]) -> dict[str, Any]:
     n = synthetic.pop("num_steps")
     synthetic.setdefault("min_steps", n)
     synthetic.setdefault("max_steps", n)
+  model = d.get("model", {})
+  if int(model.get("lora_rank", 0) or 0) > 0 and "lora_targets" not in model:
+    model["lora_targets"] = list(LORA_PROJECTIONS)
   for sec, key in (
     (d.get("sharding", {}), "rules"),
     (d.get("model", {}).get("arch", {}), "rope_scaling"),

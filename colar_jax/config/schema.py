@@ -31,6 +31,13 @@ def _check(ok: bool, key: str, msg: str, value: Any) -> None:
     _fail(key, f"{msg}, got {value!r}")
 
 
+# A Llama / Qwen2 block's projections (``model.decoder.LORA_PROJECTIONS``), and the ones
+# PEFT adapts for ``LoraConfig(r, lora_alpha)`` without ``target_modules`` on llama / qwen2
+# (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``): the reference's LoRA.
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_DEFAULT_TARGETS = ("q_proj", "v_proj")
+
+
 @dataclasses.dataclass(frozen=True)
 class Arch:
   """Model architecture, used when ``model.hf_dir`` is empty."""
@@ -62,12 +69,24 @@ class Model:
   )
   lora_rank: int = field(0, "LoRA rank; 0 = full fine-tuning.")
   lora_alpha: float = field(32.0, "LoRA alpha.")
+  lora_targets: tuple[str, ...] = field(
+    LORA_DEFAULT_TARGETS, "Projections given LoRA adapters (reference = PEFT's llama default)."
+  )
   latent_hidden_size: int = field(0, "Latent head MLP width; 0 = hidden size.")
   latent_deterministic: bool = field(False, "Latent head: mean only (ablation DL).")
   embed_std: float = field(
     -1.0, "Latent scale; <0 = init_from's, embed_std.json's or the embedding matrix's std."
   )
   arch: Arch = field(Arch(), "Architecture used when hf_dir is empty.")
+
+  def __post_init__(self):
+    unknown = [t for t in self.lora_targets if t not in LORA_PROJECTIONS]
+    _check(
+      not unknown and len(set(self.lora_targets)) == len(self.lora_targets),
+      "model.lora_targets",
+      f"must be distinct names among {', '.join(LORA_PROJECTIONS)}",
+      self.lora_targets,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +195,7 @@ class Colar:
 class Curriculum:
   """Stage of an epoch: min(max_stage, start_stage + epoch // epochs_per_stage)."""
 
-  epochs_per_stage: int = field(1, "Epochs per stage.")
+  epochs_per_stage: int = field(2, "Epochs per stage.")
   start_stage: int = field(1, "Stage of epoch 0.")
   max_stage: int = field(3, "Last stage.")
 
@@ -195,7 +214,7 @@ class Curriculum:
 @dataclasses.dataclass(frozen=True)
 class Coconut:
   curriculum: Curriculum = field(
-    Curriculum(epochs_per_stage=3, start_stage=1, max_stage=3), "Stage schedule."
+    Curriculum(epochs_per_stage=2, start_stage=1, max_stage=3), "Stage schedule (reference: 2)."
   )
   n_latents_per_step: int = field(2, "Continuous thoughts per replaced step.")
   use_proj: bool = field(False, "Latent projection MLP.")
@@ -208,7 +227,7 @@ class Distill:
   n_latents: int = field(6, "Student latent tokens.")
   alpha: float = field(1.0, "Teacher CE weight.")
   beta: float = field(1.0, "Student CE weight.")
-  gamma: float = field(1.0, "Distillation weight.")
+  gamma: float = field(20.0, "Distillation weight (reference: 20).")
   div_std: bool = field(False, "Divide the distillation loss by the teacher's std.")
   use_proj: bool = field(True, "Latent projection MLP.")
 
@@ -216,7 +235,7 @@ class Distill:
 @dataclasses.dataclass(frozen=True)
 class Baselines:
   proj_hidden_size: int = field(0, "Latent projection MLP width; 0 = hidden size.")
-  icot: Curriculum = field(Curriculum(), "iCoT stage schedule.")
+  icot: Curriculum = field(Curriculum(), "iCoT stage schedule (reference: 2 epochs per stage).")
   coconut: Coconut = field(Coconut(), "Coconut.")
   distill: Distill = field(Distill(), "CODI.")
 
@@ -229,7 +248,7 @@ class Optim:
   b2: float = field(0.999, "Adam beta2.")
   warmup_steps: int = field(0, "Linear warmup steps.")
   schedule: str = field("constant", "'constant' or 'cosine'.")
-  grad_clip: float = field(1.0, "Global gradient norm clip; 0 = off.")
+  grad_clip: float = field(0.0, "Global gradient norm clip; 0 = off (reference SFT: off).")
   grad_accum: int = field(1, "Micro-batches per optimizer step.")
 
   def check(self, prefix: str) -> None:
@@ -262,9 +281,13 @@ class Rollout:
   latent_temperature: float = field(1.0, "Latent head temperature.")
   eot_temperature: float = field(1.0, "End-of-thinking draw temperature.")
   temperature: float = field(1.0, "Answer token temperature.")
-  top_p: float = field(0.9, "Answer token nucleus mass.")
+  top_p: float = field(0.9, "Answer token nucleus mass (within the top-k).")
+  top_k: int = field(50, "Answer tokens: keep the k most likely before top-p (HF's); 0 = off.")
   max_new_tokens: int = field(16, "Most answer tokens.")
   greedy: bool = field(False, "Argmax / mean instead of sampling.")
+
+  def __post_init__(self):
+    _check(self.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)", self.top_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,12 +301,17 @@ class RL:
   )
   questions_per_step: int = field(8, "Global questions per RL step.")
   group_size: int = field(8, "Samples per question (GRPO group).")
-  exp_batch_size: int = field(32, "Samples per optimizer update.")
+  exp_batch_size: int = field(8, "Samples per optimizer update (reference: 8).")
   ppo_epochs: int = field(1, "Passes over each RL step's experience.")
   clip_eps: float = field(0.2, "PPO ratio clip.")
+  clip_log_ratio: float = field(
+    0.0, ">0: clamp logp - logp_old to [-x, x] before the exp (not in the reference); 0 = off."
+  )
   use_latent_loss: bool = field(True, "Policy loss on the latents.")
   use_answer_loss: bool = field(True, "Policy loss on the answer tokens.")
-  average_per_token: bool = field(True, "Per-token mean; False: per-sequence sum / sum_normalizer.")
+  average_per_token: bool = field(
+    False, "Per-token mean; False (reference): per-sequence sum / sum_normalizer."
+  )
   sum_normalizer: float = field(32.0, "Divisor of the per-sequence sum.")
   kl_weight: float = field(0.0, ">0: k3 KL to the frozen init_from policy.")
   punish_latent_length: bool = field(False, "Reward = correct / #latents.")
@@ -296,6 +324,7 @@ class RL:
     # Also checked by validate(); here too because the jitted GRPO update takes this
     # section directly (a group of one has no relative advantage: NaN).
     _check(self.group_size >= 2, "rl.group_size", "must be >= 2", self.group_size)
+    _check(self.clip_log_ratio >= 0, "rl.clip_log_ratio", "must be >= 0", self.clip_log_ratio)
     _check(
       self.use_latent_loss or self.use_answer_loss,
       "rl.use_answer_loss",

@@ -13,7 +13,9 @@ string ``auto``; in a batch dict ``speed`` holds it as an int (0 = auto) and
 ``compression_factor`` the factor the model must actually compress with (the reference
 draws a factor, then with probability ``auto_prob`` *shows* ``auto`` in the prompt while
 still compressing with that factor). At inference the prompt is question + speed +
-``###`` (:func:`encode_prompt_batch`).
+``###`` (:func:`encode_prompt_batch`). The separator is always its own id, with the text
+around it tokenized apart (:func:`encode_with_separator`), so the two agree whatever a
+BPE would merge across it.
 
 API (numpy only, no jax):
   * :class:`PromptTemplates`, :class:`Buckets` - ``of(config.Data section)``.
@@ -252,10 +254,14 @@ def char_tokenizer_corpus(records: Iterable[Record]) -> Iterator[str]:
 
 def separator_id(tokenizer: Any, templates: PromptTemplates) -> int:
   """The id of the thinking separator; raises if it is not exactly one token."""
-  ids = encode_texts(tokenizer, [templates.separator])[0]
+  return _single_token(tokenizer, templates.separator)
+
+
+def _single_token(tokenizer: Any, separator: str) -> int:
+  ids = encode_texts(tokenizer, [separator])[0]
   if len(ids) != 1:
     raise ValueError(
-      f"thinking separator {templates.separator!r} is {len(ids)} tokens for this tokenizer; "
+      f"thinking separator {separator!r} is {len(ids)} tokens for this tokenizer; "
       "CoLaR needs it as a single token (add it with tokenizer.add_tokens)"
     )
   return ids[0]
@@ -265,6 +271,47 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
   """Token ids of each text, no special tokens added (thread-safe)."""
   with _TOKENIZER_LOCK:
     return list(tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+
+
+def encode_with_separator(
+  tokenizer: Any, texts: Sequence[str], separator: str
+) -> tuple[list[list[int]], int]:
+  """Token ids of each text with every ``separator`` as its own single id; returns
+  (ids per text, the separator's id).
+
+  The text between separators is tokenized on its own, as a tokenizer does around an
+  added token. So a part that ends with the separator (an inference prompt
+  ``...(Thinking speed: 2)###``) gives the same ids as its text and the separator
+  tokenized apart (training's question part, then a steps part opening with ``###``):
+  a BPE that merges ``)###`` into one token cannot make the last prompt token something
+  other than the separator the model was trained to read. For the char tokenizer, where
+  the separator is an added token already, the ids are those of the whole string.
+  """
+  sep_id = _single_token(tokenizer, separator)
+  split = [t.split(separator) for t in texts]
+  pieces = [p for parts in split for p in parts if p]
+  piece_ids = iter(encode_texts(tokenizer, pieces) if pieces else [])
+  out = []
+  for parts in split:
+    row: list[int] = []
+    for j, part in enumerate(parts):
+      if j:
+        row.append(sep_id)
+      if part:
+        row.extend(next(piece_ids))
+    out.append(row)
+  return out, sep_id
+
+
+def check_ends_with_separator(rows: Sequence[Sequence[int]], sep_id: int, tokenizer: Any) -> None:
+  """Raises unless every prompt row's last token is the separator id."""
+  for i, row in enumerate(rows):
+    if not row or row[-1] != sep_id:
+      tail = tokenizer.decode(list(row[-4:])) if row else ""
+      raise ValueError(
+        f"prompt row {i} ends with {list(row[-4:])} ({tail!r}), not the thinking separator "
+        f"id {sep_id}: the model would not read the separator it was trained on"
+      )
 
 
 # ----------------------------------------------------------------------------- padding
@@ -332,7 +379,7 @@ def encode_sft_batch(
   q_texts = [templates.question_text(r.question, speed.prompt_value) for r in records]
   s_texts = [templates.steps_text(r.steps) for r in records]
   a_texts = [templates.answer_text(r.answer) for r in records]
-  tokens = encode_texts(tokenizer, q_texts + s_texts + a_texts)
+  tokens, _ = encode_with_separator(tokenizer, q_texts + s_texts + a_texts, templates.separator)
   n = len(records)
   q_tok, s_tok, a_tok = tokens[:n], tokens[n : 2 * n], [t + [eos_id] for t in tokens[2 * n :]]
   q_ids, q_mask, q_tr = pad_batch(
@@ -373,12 +420,19 @@ def encode_prompt_batch(
   fixed_shapes: bool = False,
 ) -> dict[str, np.ndarray]:
   """Left-padded generation prompts: question (+ speed suffix unless ``speed`` is None)
-  (+ the separator that opens the reasoning, as the reference does at inference)."""
+  (+ the separator that opens the reasoning, as the reference does at inference).
+
+  The separator is its own id, as where training's steps part opens with it
+  (:func:`encode_with_separator`); with ``append_separator`` every row is checked to
+  end with it."""
   value = None if speed is None else Speed.of(speed).prompt_value
   suffix = templates.separator if append_separator else ""
   texts = [templates.question_text(q, value) + suffix for q in questions]
+  tokens, sep_id = encode_with_separator(tokenizer, texts, templates.separator)
+  if append_separator:
+    check_ends_with_separator(tokens, sep_id, tokenizer)
   ids, mask, tr = pad_batch(
-    encode_texts(tokenizer, texts),
+    tokens,
     buckets.question,
     int(tokenizer.pad_token_id),
     pad_left=True,

@@ -5,9 +5,12 @@ prompt (``Method.prompt``) and the rollout settings (``Method.rollout_overrides`
 differ, and both come from the method's own file, so training and decoding can never
 disagree.
 
-Chain length #L: latent steps for latent methods; for token methods (CoT) the number of
-generated tokens before the first separator (all tokens if none; the reference's
-``index(###) - 1`` subtracts one more token, a template artefact we do not copy).
+Chain length #L: latent steps for latent methods; for token methods the generated
+reasoning tokens (:func:`reasoning_length`). CoT's prompt ends with the separator, so its
+output is ``chain ### Answer:..``; No-CoT's and iCoT's does not, so theirs opens with the
+separator, ``### chain ### Answer:..`` (iCoT before its last stage) or ``### Answer:..``.
+The reference's ``index(###) - 1`` subtracts one more token, a template artefact we do
+not copy.
 """
 
 from __future__ import annotations
@@ -39,10 +42,27 @@ class Generation:
 GenerateFn = Callable[[Sequence[str], Sequence[int], int, int], list[Generation]]
 
 
-def reasoning_length(ids: Sequence[int], separator_id: int) -> int:
-  """Tokens before the first separator (all of them when there is none)."""
-  ids = list(ids)
-  return ids.index(separator_id) if separator_id in ids else len(ids)
+def reasoning_length(
+  ids: Sequence[int],
+  separator_id: int,
+  *,
+  opened: bool = True,
+  is_answer: Callable[[Sequence[int]], bool] | None = None,
+) -> int:
+  """Reasoning tokens of a token method's output ``ids``.
+
+  ``opened``: the prompt ended with the separator (CoT), so the output starts inside the
+  chain. Otherwise (No-CoT, iCoT) the output's own leading separator opens it and is
+  skipped. The chain is then what comes before the next separator; with none left, it
+  is nothing when the rest is the answer (``is_answer(rest)``: ``### Answer:7`` from
+  No-CoT) and all of it otherwise (a chain cut off before it reached the answer).
+  """
+  rest = list(ids)
+  if not opened and rest[:1] == [separator_id]:
+    rest = rest[1:]
+  if separator_id in rest:
+    return rest.index(separator_id)
+  return 0 if is_answer is not None and is_answer(rest) else len(rest)
 
 
 def method_rollout_config(
@@ -77,6 +97,11 @@ def make_generate_fn(
   buckets = buckets or prompts.Buckets()
   cfg = method_rollout_config(rollout_cfg, method, run, getattr(model, "cfg", None))
   graphdef, state = nnx.split(model)
+  answer_prefix = templates.answer_prefix.strip()
+
+  def is_answer(rest: Sequence[int]) -> bool:  # the text after a lone separator
+    text = tokenizer.decode(list(rest), skip_special_tokens=True).lstrip()
+    return bool(answer_prefix) and text.startswith(answer_prefix)
 
   def generate(
     questions: Sequence[str], indices: Sequence[int], factor: int, seed: int
@@ -103,7 +128,10 @@ def make_generate_fn(
     gens = []
     for i in range(len(questions)):
       row = ids[i][mask[i]].tolist()
-      n = reasoning_length(row, cfg.separator_id) if cfg.latent_mode == "none" else int(n_lat[i])
+      if cfg.latent_mode == "none":
+        n = reasoning_length(row, cfg.separator_id, opened=spec.separator, is_answer=is_answer)
+      else:
+        n = int(n_lat[i])
       text = tokenizer.decode(row, skip_special_tokens=True)
       gens.append(Generation(text=text, num_latent=n, answer_length=len(row)))
     return gens

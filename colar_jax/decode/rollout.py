@@ -10,7 +10,7 @@ CoLaR inference (``latent_generate`` of the reference) is, per row:
    after the first latent (a row always has >= 1 latent) and a row that draws the
    separator right after its k-th latent has exactly k latents. Finished rows are fed
    with mask 0: their cache index, positions and hidden state freeze;
-3. the separator token is appended and the answer is sampled (temperature + top-p, or
+3. the separator token is appended and the answer is sampled (temperature, top-k, top-p, or
    greedy) until EOS -- here CONTINUING FROM THE SAME KV CACHE (the reference re-runs
    the whole prefix through ``generate``; the result is the same distribution).
 
@@ -57,7 +57,13 @@ from flax import nnx
 
 from colar_jax import config as cfglib
 from colar_jax.decode.sampling import sample_tokens, token_logprobs
-from colar_jax.model import KVCache
+from colar_jax.model import (
+  DecoderOutput,
+  KVCache,
+  apply_rope,
+  positions_from_mask,
+  rope_inv_freq,
+)
 
 LATENT_MODES = ("sampled", "hidden", "none")
 _DEFAULTS = cfglib.Rollout()  # the schema is the one source of defaults
@@ -100,6 +106,7 @@ class RolloutConfig:
   max_new_tokens: int = _DEFAULTS.max_new_tokens
   temperature: float = _DEFAULTS.temperature
   top_p: float = _DEFAULTS.top_p
+  top_k: int = _DEFAULTS.top_k  # answer tokens: top-k before top-p (0 = off), as HF
   greedy: bool = _DEFAULTS.greedy
 
   def __post_init__(self) -> None:
@@ -109,6 +116,8 @@ class RolloutConfig:
       raise ValueError("need max_latent_steps >= 0 and max_new_tokens >= 1")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
     if self.embed_std <= 0:
       raise ValueError(f"embed_std must be > 0, got {self.embed_std}")
 
@@ -167,11 +176,129 @@ def _row_fold(keys: jax.Array, data: jax.Array | int) -> jax.Array:
   return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys)
 
 
+@flax.struct.dataclass
+class LayerCache:
+  """The decode loops' KV cache: per layer, keys ``[B, Hkv, D, S]`` and values
+  ``[B, Hkv, S, D]``.
+
+  Versus the decoder's :class:`KVCache` (``[L, B, S, Hkv, D]``, sliced per layer by a
+  scan): each layer's buffers are their own loop carries, updated in place where the new
+  token goes, and each is laid out so that one decode step's attention is a
+  multiply-and-sum along its minor axis (no transposes, no dot). With the decoder's
+  layout, every step copied each layer's cache out of the stack, transposed it for both
+  attention dots and wrote a fresh stack (CPU profile in BUILD_NOTES).
+  """
+
+  k: tuple[jax.Array, ...]  # L x [B, Hkv, D, S]
+  v: tuple[jax.Array, ...]  # L x [B, Hkv, S, D]
+  mask: jax.Array  # [B, S] bool
+  index: jax.Array  # [B] int32, the next slot of each row
+
+  @classmethod
+  def of(cls, cache: KVCache, length: int) -> LayerCache:
+    """``cache`` (the prefill's) re-laid out and extended with empty slots to ``length``."""
+    grow = length - cache.length
+
+    def pad(x):
+      return jnp.pad(x, ((0, 0), (0, grow)) + ((0, 0),) * (x.ndim - 2))
+
+    return cls(
+      k=tuple(jnp.transpose(pad(x), (0, 2, 3, 1)) for x in cache.k),
+      v=tuple(jnp.transpose(pad(x), (0, 2, 1, 3)) for x in cache.v),
+      mask=pad(cache.mask),
+      index=cache.index,
+    )
+
+
+def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+  """buf [B, ...] <- new [B, ...] at per-row offsets ``index`` [B] along ``axis`` of a row
+  (as the decoder's cache writes: ``dynamic_update_slice``, so offsets clamp)."""
+
+  def one(b, n, i):
+    start = tuple(i if a == axis else 0 for a in range(b.ndim))
+    return jax.lax.dynamic_update_slice(b, n.astype(b.dtype), start)
+
+  return jax.vmap(one)(buf, new, index)
+
+
+class _Steps:
+  """``lm(..., cache=...)`` for the decode loops, on a :class:`LayerCache`.
+
+  The layers are unrolled, each with its weights sliced out of the decoder's stack once
+  per rollout (the scan sliced them every step). Norms, projections, RoPE and MLP are the
+  decoder's own modules; only the attention core is restated here for the cache layout,
+  with ``jax.nn.dot_product_attention``'s XLA semantics (f32 logits and softmax, masked
+  logits at -0.7 * float32 max, probabilities rounded to the cache dtype). Parity with
+  the decoder's cached call is tested.
+  """
+
+  def __init__(self, lm: Any):
+    self.lm = lm
+    graphdef, state = nnx.split(lm.layers)
+    self.blocks = tuple(
+      nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+      for i in range(lm.cfg.num_layers)
+    )
+
+  def _block(self, blk, x, positions, inv_freq, allowed, ck, cv, index):
+    cfg = self.lm.cfg
+    b, t, _ = x.shape
+    kv, hd = cfg.num_kv_heads, cfg.head_dim
+    att = blk.attn
+    hx = blk.input_norm(x)
+    q = apply_rope(att.q_proj(hx).reshape(b, t, cfg.num_heads, hd), positions, inv_freq)
+    k = apply_rope(att.k_proj(hx).reshape(b, t, kv, hd), positions, inv_freq)
+    v = att.v_proj(hx).reshape(b, t, kv, hd)
+    ck = _write_rows(ck, jnp.transpose(k, (0, 2, 3, 1)), index, axis=2)  # [B, Hkv, D, T]
+    cv = _write_rows(cv, jnp.transpose(v, (0, 2, 1, 3)), index, axis=1)  # [B, Hkv, T, D]
+    f32 = jnp.float32
+    # Query heads grouped per KV head: [B, Hkv, G, T, D]; logits [B, Hkv, G, T, S].
+    qg = jnp.transpose(q.reshape(b, t, kv, cfg.num_heads // kv, hd), (0, 2, 3, 1, 4))
+    logits = jnp.sum(qg[..., None].astype(f32) * ck[:, :, None, None].astype(f32), axis=-2)
+    logits = logits * f32(1.0 / np.sqrt(hd))
+    logits = jnp.where(allowed[:, None, None], logits, f32(-0.7 * np.finfo(np.float32).max))
+    probs = jax.nn.softmax(logits, axis=-1).astype(cv.dtype).astype(f32)
+    out = jnp.sum(probs[..., None] * cv[:, :, None, None].astype(f32), axis=-2)
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, -1).astype(q.dtype)
+    x = x + att.o_proj(out)
+    return x + blk.mlp(blk.post_attn_norm(x)), ck, cv
+
+  def __call__(
+    self,
+    input_ids: jax.Array | None = None,
+    *,
+    inputs_embeds: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    cache: LayerCache,
+    logits: bool = True,
+  ) -> DecoderOutput:
+    lm = self.lm
+    x = lm.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    x = x.astype(lm.cfg.compute_dtype)
+    b, t = x.shape[:2]
+    mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    positions = positions_from_mask(mask, cache.mask.sum(-1).astype(jnp.int32))
+    q_slot = cache.index[:, None] + jnp.arange(t)[None]
+    kv_mask = _write_rows(cache.mask, mask, cache.index, axis=0)
+    # allowed[b, t, s]: slot s holds a real token, not in the future of query t.
+    slots = jnp.arange(kv_mask.shape[1])
+    allowed = kv_mask[:, None, :] & (slots[None, None, :] <= q_slot[:, :, None])
+    inv_freq = rope_inv_freq(lm.cfg)
+    ks, vs = [], []
+    for blk, ck, cv in zip(self.blocks, cache.k, cache.v):
+      x, ck, cv = self._block(blk, x, positions, inv_freq, allowed, ck, cv, cache.index)
+      ks.append(ck)
+      vs.append(cv)
+    hidden = lm.final_norm(x)
+    moved = jnp.any(mask, axis=-1).astype(jnp.int32) * t
+    new = LayerCache(k=tuple(ks), v=tuple(vs), mask=kv_mask, index=cache.index + moved)
+    return DecoderOutput(logits=lm.logits(hidden) if logits else None, hidden=hidden, cache=new)
+
+
 def _latent_loop(
-  model: Any, cache: KVCache, h: jax.Array, keys: jax.Array, cfg: RolloutConfig
+  model: Any, steps: _Steps, cache: LayerCache, h: jax.Array, keys: jax.Array, cfg: RolloutConfig
 ) -> dict[str, Any]:
   """Runs up to ``num_latents`` latent steps in a ``lax.while_loop`` (see module doc)."""
-  lm = _lm(model)
   b, d = h.shape
   n_lat = cfg.num_latents
   sampled = cfg.latent_mode == "sampled"
@@ -189,13 +316,21 @@ def _latent_loop(
   )
   if n_lat == 0:
     return carry
+  # Every step's keys and latent noise, drawn before the loop: the same values as drawing
+  # them step by step, in one batched call instead of three small threefry loops a step.
+  all_keys = jax.vmap(lambda t: jax.vmap(lambda k: jax.random.split(k, 2))(_row_fold(keys, t)))(
+    jnp.arange(n_lat)
+  )  # [L, B, 2]
+  all_noise = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (d,), jnp.float32)))(
+    all_keys[:, :, 0]
+  )  # [L, B, D]
 
   def cond(c):
     return (c["step"] < n_lat) & ~jnp.all(c["done"])
 
   def body(c):
     step = c["step"]
-    step_keys = jax.vmap(lambda k: jax.random.split(k, 2))(_row_fold(keys, step))
+    step_keys = all_keys[step]
     active = ~c["done"]
     if sampled:
       # Temperature-1 Gaussian = the policy (scored for RL); sampling scales std by tau.
@@ -203,14 +338,14 @@ def _latent_loop(
       if g.log_std is None:  # deterministic head ablation: mean, no density
         z, lp = g.mean, jnp.zeros((b,), jnp.float32)
       else:
-        noise = jax.vmap(lambda k: jax.random.normal(k, (d,), jnp.float32))(step_keys[:, 0])
+        noise = all_noise[step]
         z = g.mean + jnp.exp(g.log_std) * cfg.latent_temperature * noise
         lp = g.log_prob(z).mean(-1)
       emb = z * cfg.embed_std
     else:
       emb = _project(model, c["h"], cfg.projection).astype(jnp.float32)
       lp = jnp.zeros((b,), jnp.float32)
-    out = lm(
+    out = steps(
       inputs_embeds=emb[:, None], attention_mask=active[:, None], cache=c["cache"], logits=sampled
     )
     new = dict(c)
@@ -218,8 +353,6 @@ def _latent_loop(
       logits = out.logits[:, 0]
       tok = sample_tokens(step_keys[:, 1], logits, temperature=cfg.eot_temperature)
       is_eot = active & (tok == cfg.separator_id)
-      sep = jnp.full((b,), cfg.separator_id, jnp.int32)
-      new["eot_lp"] = jnp.where(active, token_logprobs(logits, sep), c["eot_lp"])
       new["thought_done"] = c["thought_done"] | is_eot
       new["done"] = c["done"] | is_eot
     new["latents"] = c["latents"].at[:, step].set(jnp.where(active[:, None], emb, 0.0))
@@ -231,11 +364,17 @@ def _latent_loop(
     new["step"] = step + 1
     return new
 
-  return jax.lax.while_loop(cond, body, carry)
+  out = jax.lax.while_loop(cond, body, carry)
+  if sampled:
+    # log p(separator) after each row's last latent: the loop froze ``h`` there, so one
+    # LM head after the loop replaces a full-vocabulary log-softmax per step.
+    sep = jnp.full((b,), cfg.separator_id, jnp.int32)
+    out["eot_lp"] = token_logprobs(steps.lm.logits(out["h"]), sep)
+  return out
 
 
 def _answer_loop(
-  lm: Any, cache: KVCache, logits: jax.Array, keys: jax.Array, cfg: RolloutConfig
+  steps: _Steps, cache: LayerCache, logits: jax.Array, keys: jax.Array, cfg: RolloutConfig
 ) -> dict[str, Any]:
   """Samples up to ``max_new_tokens`` answer tokens from the cache, stopping rows at EOS.
 
@@ -254,22 +393,25 @@ def _answer_loop(
     lps=jnp.zeros((b, t_max), jnp.float32),
   )
 
+  all_keys = jax.vmap(lambda t: _row_fold(keys, t))(jnp.arange(t_max))  # [T, B], as above
+
   def cond(c):
     return (c["t"] < t_max) & ~jnp.all(c["finished"])
 
   def body(c):
     t = c["t"]
     tok = sample_tokens(
-      _row_fold(keys, t),
+      all_keys[t],
       c["logits"],
       temperature=cfg.temperature,
       top_p=cfg.top_p,
+      top_k=cfg.top_k,
       greedy=cfg.greedy,
     )
     alive = ~c["finished"]
     lp = token_logprobs(c["logits"], tok)
     finished = c["finished"] | (alive & (tok == cfg.eos_id))
-    out = lm(tok[:, None], attention_mask=~finished[:, None], cache=c["cache"])
+    out = steps(tok[:, None], attention_mask=~finished[:, None], cache=c["cache"])
     return dict(
       t=t + 1,
       cache=out.cache,
@@ -309,17 +451,20 @@ def rollout_fn(
   prompt_mask = prompt_mask.astype(bool)
   row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids.astype(jnp.uint32))
   streams = jax.vmap(lambda k: jax.random.split(k, 2))(row_keys)
-  cache = KVCache.init(lm.cfg, b, cfg.cache_length(p))
-  pre = lm(prompt_ids, attention_mask=prompt_mask, cache=cache, logits=False)
+  # The prompt attends over its own P slots only; the empty slots for the latents and
+  # the answer are appended after the prefill.
+  pre = lm(prompt_ids, attention_mask=prompt_mask, cache=KVCache.init(lm.cfg, b, p), logits=False)
   h_last = pre.hidden[:, -1]  # left padding: the last column is every row's last token
-  lat = _latent_loop(model, pre.cache, h_last, streams[:, 0], cfg)
+  steps = _Steps(lm)
+  cache = LayerCache.of(pre.cache, cfg.cache_length(p))
+  lat = _latent_loop(model, steps, cache, h_last, streams[:, 0], cfg)
   if cfg.append_separator:
     sep = jnp.full((b, 1), cfg.separator_id, jnp.int32)
-    out = lm(sep, cache=lat["cache"])
+    out = steps(sep, cache=lat["cache"])
     cache, logits = out.cache, out.logits[:, 0]
   else:
     cache, logits = lat["cache"], lm.logits(h_last)
-  ans = _answer_loop(lm, cache, logits, streams[:, 1], cfg)
+  ans = _answer_loop(steps, cache, logits, streams[:, 1], cfg)
   return RolloutOutput(
     answer_ids=ans["ids"],
     answer_mask=ans["mask"],

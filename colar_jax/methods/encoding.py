@@ -5,8 +5,9 @@ ids + masks, ``speed``, ``compression_factor``), so the shared train step, bucke
 sharding treat it like any other; what a method changes is WHAT is encoded:
 
 * the question part is exactly the method's decoding prompt (``Method.prompt``: speed
-  suffix or none, trailing separator or not), tokenized as one string as
-  ``encode_prompt_batch`` does, so training and decoding see the same ids;
+  suffix or none, trailing separator or not), tokenized as ``encode_prompt_batch`` does
+  (the separator its own id, ``prompts.encode_with_separator``), so training and
+  decoding see the same ids; a prompt that should end with the separator is checked to;
 * the steps part holds what is left of the chain after a curriculum removed the first
   steps (iCoT) or turned them into thoughts (Coconut). When the prompt already ends with
   the separator the steps follow it directly; otherwise they are preceded by one
@@ -29,7 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from colar_jax.data.prompts import EncodeStats, PromptTemplates, Speed, encode_texts, pad_batch
+from colar_jax.data.prompts import (
+  EncodeStats,
+  PromptTemplates,
+  Speed,
+  check_ends_with_separator,
+  encode_with_separator,
+  pad_batch,
+)
 from colar_jax.data.records import Record
 from colar_jax.methods import curriculum
 from colar_jax.methods.base import EncodeContext, PromptSpec
@@ -113,8 +121,10 @@ def encode_staged(
   q_texts = [templates.question_text(r.question, prompt.speed) + sep for r in records]
   s_texts = [chain_text(templates, k, opened) for k in kept]
   a_texts = [templates.answer_text(r.answer) for r in records]
-  tokens = encode_texts(tok, q_texts + s_texts + a_texts)
+  tokens, sep_id = encode_with_separator(tok, q_texts + s_texts + a_texts, templates.separator)
   q_tok, s_tok = tokens[:n], tokens[n : 2 * n]
+  if prompt.separator:
+    check_ends_with_separator(q_tok, sep_id, tok)
   a_tok = [t + [eos_id] for t in tokens[2 * n :]]
   kw = dict(fixed=ctx.fixed_shapes, stats=ctx.stats)
   q_ids, q_mask = _pad(
@@ -146,7 +156,9 @@ def encode_staged(
   if n_latents is not None:
     batch["latent_mask"] = np.ones((n, n_latents), np.int32)
   if answer_pred:
-    prefix = encode_texts(tok, [templates.separator + templates.answer_prefix])[0]
+    prefix = encode_with_separator(
+      tok, [templates.separator + templates.answer_prefix], templates.separator
+    )[0][0]
     batch["answer_pred_index"] = answer_pred_index(a_tok, prefix)
   return batch
 

@@ -26,6 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# The seven projections of a block (HF module names) and the reference's LoRA targets
+# (PEFT's llama / qwen2 default: q_proj, v_proj); the config schema is their one source.
+from colar_jax.config.schema import LORA_DEFAULT_TARGETS, LORA_PROJECTIONS
+
 # Parameters carry logical axis names and are placed explicitly by
 # ``sharding.create_sharded`` (eval_shape + jitted init with out_shardings), so
 # flax's eager per-variable sharding (which needs a mesh at construction) is off.
@@ -68,15 +72,26 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: bool = False  # jax.checkpoint each layer (trades compute for activation memory)
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation (None = xla)
-  # LoRA on all attention/MLP projections (0 = full fine-tuning).
+  # LoRA (0 = full fine-tuning) on the projections named in ``lora_targets``.
   lora_rank: int = 0
   lora_alpha: float = 32.0
+  lora_targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
   # Latent head (CoLaR): MLP width and deterministic variant (mean only).
   latent_hidden_size: int = 0  # 0 = hidden_size
   latent_deterministic: bool = False
   # Coconut / Distill baselines: width of the MLP that maps a last hidden state to the
   # next input embedding (``CoLaRModel.latent_proj``); 0 = no projection module.
   latent_proj_size: int = 0
+
+  def __post_init__(self):
+    unknown = [t for t in self.lora_targets if t not in LORA_PROJECTIONS]
+    if unknown:
+      raise ValueError(f"lora_targets: unknown projections {unknown}; known: {LORA_PROJECTIONS}")
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+  def has_lora(self, name: str) -> bool:
+    """Whether projection ``name`` (e.g. ``"q_proj"``) carries a LoRA adapter."""
+    return self.lora_rank > 0 and name in self.lora_targets
 
   @property
   def compute_dtype(self):
@@ -267,7 +282,7 @@ def _linear(
   axes: tuple[str | None, str | None],
   rngs: nnx.Rngs,
   bias: bool = False,
-  lora: bool = False,
+  name: str = "",
 ) -> nnx.Module:
   kw = dict(
     use_bias=bias,
@@ -277,7 +292,7 @@ def _linear(
     bias_init=nnx.with_partitioning(nnx.initializers.zeros, (axes[1],)),
     rngs=rngs,
   )
-  if lora and cfg.lora_rank > 0:
+  if cfg.has_lora(name):
     # Flax's LoRALinear: frozen base kernel + trainable low-rank A/B (B zero-init,
     # so the adapted model starts equal to the base). Scale alpha/rank applied in
     # ``LoRAProj`` below because flax's LoRA has no scaling factor.
@@ -335,11 +350,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    lora = cfg.lora_rank > 0
-    self.q_proj = _linear(cfg, d, h * hd, (EMBED, Q_HEADS), rngs, cfg.qkv_bias, lora)
-    self.k_proj = _linear(cfg, d, kv * hd, (EMBED, KV_HEADS), rngs, cfg.qkv_bias, lora)
-    self.v_proj = _linear(cfg, d, kv * hd, (EMBED, KV_HEADS), rngs, cfg.qkv_bias, lora)
-    self.o_proj = _linear(cfg, h * hd, d, (Q_HEADS, EMBED), rngs, False, lora)
+    self.q_proj = _linear(cfg, d, h * hd, (EMBED, Q_HEADS), rngs, cfg.qkv_bias, "q_proj")
+    self.k_proj = _linear(cfg, d, kv * hd, (EMBED, KV_HEADS), rngs, cfg.qkv_bias, "k_proj")
+    self.v_proj = _linear(cfg, d, kv * hd, (EMBED, KV_HEADS), rngs, cfg.qkv_bias, "v_proj")
+    self.o_proj = _linear(cfg, h * hd, d, (Q_HEADS, EMBED), rngs, False, "o_proj")
 
   def __call__(self, x, positions, inv_freq, kv_mask, q_slot, cache_kv):
     cfg = self.cfg
@@ -371,10 +385,10 @@ class Attention(nnx.Module):
 
 class MLPBlock(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d, f, lora = cfg.hidden_size, cfg.intermediate_size, cfg.lora_rank > 0
-    self.gate_proj = _linear(cfg, d, f, (EMBED, MLP), rngs, cfg.mlp_bias, lora)
-    self.up_proj = _linear(cfg, d, f, (EMBED, MLP), rngs, cfg.mlp_bias, lora)
-    self.down_proj = _linear(cfg, f, d, (MLP, EMBED), rngs, cfg.mlp_bias, lora)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = _linear(cfg, d, f, (EMBED, MLP), rngs, cfg.mlp_bias, "gate_proj")
+    self.up_proj = _linear(cfg, d, f, (EMBED, MLP), rngs, cfg.mlp_bias, "up_proj")
+    self.down_proj = _linear(cfg, f, d, (MLP, EMBED), rngs, cfg.mlp_bias, "down_proj")
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -4,22 +4,28 @@ validation (generation metrics and records), checkpoint saves, and closing.
 A workdir that already holds a checkpoint resumes from its latest complete step: the
 train state, the data iterator's position and ``embed_std`` come back, and metric-log
 lines after that step are dropped, so the log continues exactly as if the run had never
-stopped.
+stopped. A damaged latest step is named in one line, moved aside (renamed, never
+deleted) and the run resumes from the newest readable step, saying so. The workdir's
+lock and config-drift check (:mod:`colar_jax.train.workdir`) come before all this.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from colar_jax import config as cfglib
 from colar_jax.decode.generate import answer_all, make_generate_fn
 from colar_jax.decode.rollout import RolloutConfig
 from colar_jax.train import state as ts
+from colar_jax.train import workdir as workdir_lib
 from colar_jax.train.logs import MetricWriter
 from colar_jax.train.run import Data, RunSetup, model_config, resolve_embed_std
 from colar_jax.weights import checkpoints
@@ -74,13 +80,61 @@ class Hooks:
     )
 
   def close(self) -> None:
-    self.ckpt.close()
+    """Closes the metric log and the checkpoints (waiting for the last save; a failed
+    write raises, after both are closed)."""
+    try:
+      self.ckpt.close()
+    except BaseException:
+      with contextlib.suppress(Exception):  # the checkpoint's error is the one to report
+        self.writer.close()
+      raise
     self.writer.close()
+
+
+def _agree(ok: bool) -> bool:
+  """Whether every process could read the step (they must all resume from the same)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.asarray(ok)).all())
+
+
+def _resume(ckpt: checkpoints.Checkpointer, abstract: ts.TrainState) -> tuple[int | None, Any]:
+  """(step, restored items) of the newest readable step (None: no checkpoint). Damaged
+  newer steps are moved aside once an older one has been read; if none can be read,
+  nothing is moved and the first error is raised."""
+  bad: list[checkpoints.UnreadableCheckpointError] = []
+  for step in ckpt.steps():
+    try:
+      out = ckpt.restore(step, abstract.params, _train_items(abstract))
+      err = None
+    except checkpoints.UnreadableCheckpointError as e:
+      out, err = None, e
+    if not _agree(err is None):
+      err = err or checkpoints.UnreadableCheckpointError(ckpt.step_dir(step), "on another process")
+      logging.warning("%s", err)
+      bad.append(err)
+      continue
+    for e in bad:
+      if jax.process_index() == 0:
+        moved = ckpt.move_aside(int(os.path.basename(e.path)))
+        logging.warning("moved the unreadable %s aside to %s (nothing deleted)", e.path, moved)
+    if bad:
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("colar_jax: unreadable checkpoints moved aside")
+        ckpt.manager.reload()
+      logging.warning("resuming from step %d, the newest readable checkpoint", step)
+    return step, out
+  if bad:
+    raise checkpoints.RunFileError(
+      f"{bad[0]}; no older step in {ckpt.directory} is readable either (nothing was moved: "
+      "move the damaged steps away by hand, or use a fresh --workdir)"
+    )
+  return None, None
 
 
 def start(s: RunSetup, workdir: str, tx: Any, shardings: ts.TrainState, **meta: Any) -> Hooks:
   """Opens the checkpoint manager and metric log of ``workdir`` and resumes from its
-  latest checkpoint, or starts fresh (``embed_std`` from ``resolve_embed_std``).
+  newest readable checkpoint, or starts fresh (``embed_std`` from ``resolve_embed_std``).
   Saves the run config. ``meta``: extra entries of the checkpoint meta."""
   run = s.run
   ckpt = checkpoints.Checkpointer(
@@ -89,28 +143,42 @@ def start(s: RunSetup, workdir: str, tx: Any, shardings: ts.TrainState, **meta: 
     keep_best=run.train.keep_best,
     monitor=run.train.monitor,
   )
-  writer = MetricWriter(workdir)
-  latest = ckpt.latest_step()
-  data_state = None
-  if latest is None:
-    embed_std = resolve_embed_std(run, s.model)
-    state = ts.init_train_state(s.params, tx, int(run.seed), shardings)
-    writer.truncate_after(0)
-  else:
+  writer = None
+  try:
+    writer = MetricWriter(workdir)
     abstract = ts.abstract_train_state(s.params, tx, shardings)
-    params, t, data_state, saved = ckpt.restore(latest, abstract.params, _train_items(abstract))
-    state = ts.TrainState(
-      step=t["step"],
-      params=params,
-      opt_state=t["opt_state"],
-      rng=t["rng"],
-      nonfinite_step=t["nonfinite_step"],
-    )
-    embed_std = float(saved["embed_std"])
-    writer.truncate_after(latest)
-    logging.info("resumed from %s/%d", ckpt.directory, latest)
-  if jax.process_index() == 0:
-    cfglib.save_json(run, os.path.join(workdir, checkpoints.CONFIG_FILE))
+    latest, restored = _resume(ckpt, abstract)
+    data_state = None
+    if latest is None:
+      embed_std = resolve_embed_std(run, s.model)
+      state = ts.init_train_state(s.params, tx, int(run.seed), shardings)
+      writer.truncate_after(0)
+    else:
+      params, t, data_state, saved = restored
+      state = ts.TrainState(
+        step=t["step"],
+        params=params,
+        opt_state=t["opt_state"],
+        rng=t["rng"],
+        nonfinite_step=t["nonfinite_step"],
+      )
+      embed_std = float(saved["embed_std"])
+      writer.truncate_after(latest)
+      logging.info("resumed from %s/%d", ckpt.directory, latest)
+    if jax.process_index() == 0:
+      path = os.path.join(workdir, checkpoints.CONFIG_FILE)
+      with checkpoints.writing(path):
+        cfglib.save_json(run, path)
+    workdir_lib.record_changes(workdir)
+  except BaseException:
+    # No background checkpoint threads outlive a failed start (their shutdown noise);
+    # the error that got us here is the one to report.
+    with contextlib.suppress(Exception):
+      ckpt.close()
+    if writer is not None:
+      with contextlib.suppress(Exception):
+        writer.close()
+    raise
   trainable = "lora+latent_head" if model_config(run).lora_rank > 0 else "all"
   full_meta = dict(
     embed_std=embed_std,

@@ -10,6 +10,7 @@ every ``log_every`` steps. Only process 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,8 @@ from typing import Any
 import jax
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
+
+from colar_jax.weights.checkpoints import writing
 
 JSONL = "metrics.jsonl"
 
@@ -40,7 +43,9 @@ class MetricWriter:
     self.path = os.path.join(workdir, JSONL)
     self._tb = None
     if self.active and tensorboard:
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+      tb = os.path.join(workdir, "tb")
+      with writing(tb):
+        self._tb = SummaryWriter(tb, flush_secs=30)
 
   def truncate_after(self, step: int) -> None:
     """Drops lines of steps > ``step`` (left by a run killed after its checkpoint)."""
@@ -56,14 +61,14 @@ class MetricWriter:
         if int(rec.get("step", 0)) <= step:
           keep.append(json.dumps(rec) + "\n")
     tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
+    with writing(tmp), open(tmp, "w") as f:
       f.writelines(keep)
     os.replace(tmp, self.path)
 
   def write_lines(self, records: list[dict[str, Any]]) -> None:
     if not self.active or not records:
       return
-    with open(self.path, "a") as f:
+    with writing(self.path), open(self.path, "a") as f:
       for r in records:
         f.write(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n")
       f.flush()
@@ -77,9 +82,26 @@ class MetricWriter:
         self._tb.add_scalar(k, float(v), step)
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.flush()
-      self._tb.close()
+    tb, self._tb = self._tb, None
+    if tb is None:
+      return
+    try:
+      with writing(tb.logdir):
+        tb.flush()
+        tb.close()
+    except BaseException:
+      _abandon(tb)
+      raise
+
+
+def _abandon(tb: SummaryWriter) -> None:
+  """Stops a TensorBoard writer whose final flush failed (a full disk), so that neither
+  its atexit hook nor its worker thread retries and prints a traceback at exit."""
+  for w in (tb.all_writers or {}).values():
+    ev = w.event_writer
+    with contextlib.suppress(Exception):
+      ev._worker.stop()  # (private: tensorboardX has no public abort)
+    ev._closed = True
 
 
 def read_jsonl(workdir: str, kind: str = "train") -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ a :class:`RunSetup`; evaluation and generation load a finished run with
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -26,7 +27,7 @@ from colar_jax.methods.base import EncodeContext, Method, MethodEncoder
 from colar_jax.model import CoLaRModel, LatentHead, LatentProjection, ModelConfig
 from colar_jax.model import sharding as shd
 from colar_jax.train import state as ts
-from colar_jax.weights import checkpoints, convert
+from colar_jax.weights import checkpoints, convert, export
 
 
 # ----------------------------------------------------------------------------
@@ -43,6 +44,7 @@ def model_config(run: cfglib.Run) -> ModelConfig:
     attention_impl=m.attention_impl,
     lora_rank=m.lora_rank,
     lora_alpha=m.lora_alpha,
+    lora_targets=tuple(m.lora_targets),
     latent_hidden_size=m.latent_hidden_size,
     latent_deterministic=m.latent_deterministic,
   )
@@ -68,6 +70,7 @@ def _from_hf_dir(run: cfglib.Run, mesh: Mesh, rules: Any) -> CoLaRModel:
       "attention_impl",
       "lora_rank",
       "lora_alpha",
+      "lora_targets",
       "latent_hidden_size",
       "latent_deterministic",
     )
@@ -121,18 +124,31 @@ def load_model(
   a model built for ``target`` instead (same architecture; LoRA adapters of ``target``
   start fresh when the source run had none).
   """
-  meta = checkpoints.read_meta(path)
-  src_run = run_of_meta(meta)
-  base, _ = build_model(src_run, mesh, rules)
-  lora = model_config(src_run).lora_rank > 0
-  _, p_state, _ = nnx.split(base, ts.trainable_filter(lora), ...)
-  p_shard = nnx.to_pure_dict(shd.state_shardings(p_state, mesh, rules))
-  abstract = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-    nnx.to_pure_dict(p_state),
-    p_shard,
-  )
-  checkpoints.transplant(base, checkpoints.restore_params(meta["checkpoint"], abstract), path)
+  built: dict[str, Any] = {}
+
+  def read(step_dir: str) -> tuple[CoLaRModel, dict[str, Any]]:
+    meta = checkpoints.read_step_meta(step_dir)
+    key = json.dumps([meta["config"], meta.get("base")], sort_keys=True, default=str)
+    if key not in built:  # the base of this step's config (one build unless it changed)
+      src_run = run_of_meta(meta)
+      base, _ = build_model(src_run, mesh, rules)
+      lora = model_config(src_run).lora_rank > 0
+      _, p_state, _ = nnx.split(base, ts.trainable_filter(lora), ...)
+      p_shard = nnx.to_pure_dict(shd.state_shardings(p_state, mesh, rules))
+      abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nnx.to_pure_dict(p_state),
+        p_shard,
+      )
+      built.clear()
+      built[key] = (base, abstract)
+    base, abstract = built[key]
+    checkpoints.transplant(base, checkpoints.restore_params(step_dir, abstract), path)
+    return base, meta
+
+  # The newest step whose meta and params read (an older one with a warning).
+  _, (base, meta) = checkpoints.readable(path, read)
+  meta = dict(meta, newest=checkpoints.step_dirs(path)[0])
   if target is None:
     return base, meta
   mc = model_config(target)
@@ -181,6 +197,72 @@ class Data:
     ]
 
 
+def check_source(path: str, key: str) -> None:
+  """A source folder (or file) exists and is not empty (one line naming it)."""
+  if not os.path.exists(path):
+    raise cfglib.ConfigError(f"{key}: {path} does not exist")
+  files = (
+    [path]
+    if os.path.isfile(path)
+    else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in sorted(fs)]
+  )
+  if not files:
+    raise cfglib.ConfigError(f"{key}: {path} is an empty directory (no source files)")
+  for f in files:
+    if os.path.getsize(f) == 0 and f.endswith((".json", ".jsonl", ".txt")):
+      raise cfglib.ConfigError(f"{key}: source file {f} is empty")
+
+
+def check_split(name: str, sizes: Any, split: str, key: str) -> None:
+  if split not in sizes:
+    raise cfglib.ConfigError(f"{key}: {name} has no split {split!r}; it has {sorted(sizes)}")
+
+
+def prepare_data(name: str, data_dir: str, **kw: Any) -> builders.PrepareResult:
+  """``builders.prepare``; an empty split (tfds asserts) is one line naming the source."""
+  try:
+    return builders.prepare(name, data_dir, **kw)
+  except AssertionError as e:  # 'Failed to finalize writing of split "x": No examples ...'
+    if "No examples were yielded" not in str(e):
+      raise
+    raise cfglib.ConfigError(
+      f"config.data.source: {checkpoints.first_line(e)} (dataset {name}, source "
+      f"{kw.get('source') or 'none'}: empty source files?)"
+    ) from None
+
+
+def check_inputs(run: cfglib.Run) -> None:
+  """What a run's config points at, checked before any set-up work: the dataset and (for
+  the synthetic task) its split, ``model.hf_dir``, ``data.tokenizer``, ``init_from`` and
+  ``data.source``. Each failure is one ConfigError line naming the key."""
+  if run.data.dataset not in builders.BUILDERS:
+    raise cfglib.ConfigError(
+      f"config.data.dataset: unknown dataset {run.data.dataset!r}; known: "
+      f"{', '.join(sorted(builders.BUILDERS))}"
+    )
+  if run.data.dataset == "synthetic":  # its splits are known without preparing it
+    check_split(
+      "synthetic", ("train", "val", "test"), run.data.train_split, "config.data.train_split"
+    )
+  for key, path in (("model.hf_dir", run.model.hf_dir), ("data.tokenizer", run.data.tokenizer)):
+    if path and not os.path.isdir(path):
+      raise cfglib.ConfigError(f"config.{key}: {path} is not a directory")
+  if run.model.hf_dir and not os.path.isfile(os.path.join(run.model.hf_dir, "config.json")):
+    raise cfglib.ConfigError(
+      f"config.model.hf_dir: {run.model.hf_dir} has no config.json (expected a directory "
+      "written by `convert hf-to-orbax`)"
+    )
+  if run.init_from:
+    try:
+      checkpoints.step_dirs(run.init_from)
+    except FileNotFoundError as e:
+      raise cfglib.ConfigError(f"config.init_from: {e}") from None
+  if run.data.source:
+    check_source(run.data.source, "config.data.source")
+  if run.data.tokenizer:
+    check_tokenizer(run.data.tokenizer)
+
+
 def data_dir_of(run: cfglib.Run, workdir: str) -> str:
   return run.data.data_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
 
@@ -194,14 +276,42 @@ def tokenizer_for(
   if not path and run.init_from:
     path = checkpoints.read_meta(run.init_from)["tokenizer_dir"]
   if path:
-    return (prompts.load_tokenizer(path, pad_as_eos=bool(run.model.hf_dir)), os.path.abspath(path))
+    return (load_tokenizer(path, pad_as_eos=bool(run.model.hf_dir)), os.path.abspath(path))
   out = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(out, "tokenizer.json")):
-    return prompts.load_tokenizer(out), out
+    return load_tokenizer(out), out
   recs = (Record.from_example(train_source[i]) for i in range(len(train_source)))
   if jax.process_index() == 0:
-    prompts.train_char_tokenizer(prompts.char_tokenizer_corpus(recs), out, templates=templates)
-  return prompts.load_tokenizer(out), out
+    with checkpoints.writing(os.path.join(out, "tokenizer.json")):
+      prompts.train_char_tokenizer(prompts.char_tokenizer_corpus(recs), out, templates=templates)
+  return load_tokenizer(out), out
+
+
+def check_tokenizer(path: str) -> None:
+  """The tokenizer dir exists and its ``tokenizer.json`` (if any) parses (one line)."""
+  file = os.path.join(path, "tokenizer.json")
+  if not os.path.isdir(path):
+    raise checkpoints.RunFileError(f"tokenizer dir {path} does not exist")
+  try:
+    with open(file) as f:
+      json.load(f)
+  except FileNotFoundError:
+    pass  # a slow-tokenizer dir (vocab files only): transformers reads it
+  except (OSError, ValueError) as e:
+    raise checkpoints.RunFileError(
+      f"tokenizer {file} is unreadable ({checkpoints.first_line(e)})"
+    ) from None
+
+
+def load_tokenizer(path: str, *, pad_as_eos: bool = False) -> Any:
+  """``prompts.load_tokenizer``; a missing or damaged tokenizer is one line naming it."""
+  check_tokenizer(path)
+  try:
+    return prompts.load_tokenizer(path, pad_as_eos=pad_as_eos)
+  except (OSError, ValueError) as e:
+    raise checkpoints.RunFileError(
+      f"tokenizer {path}: cannot load it ({checkpoints.first_line(e)})"
+    ) from None
 
 
 def setup_data(
@@ -216,11 +326,13 @@ def setup_data(
   templates, buckets = prompts.PromptTemplates.of(run.data), prompts.Buckets.of(run.data)
   data_dir = data_dir_of(run, workdir)
   name, bcfg = run.data.dataset, builders.builder_config(run.data)
-  builders.prepare(name, data_dir, source=run.data.source or None, config=bcfg)
+  sizes = prepare_data(name, data_dir, source=run.data.source or None, config=bcfg).sizes
+  check_split(name, sizes, run.data.train_split, "config.data.train_split")
   train_src = builders.load_source(name, data_dir, run.data.train_split, config=bcfg)
-  try:
+  if run.data.val_split in sizes:
     val_src = builders.load_source(name, data_dir, run.data.val_split, config=bcfg)
-  except Exception:  # datasets without a val split: validate on nothing
+  else:  # datasets without a val split: validate on nothing
+    logging.info("%s has no split %r: no validation", name, run.data.val_split)
     val_src = []
   tok, tok_dir = tokenizer_for(run, workdir, train_src, templates)
   n_proc = jax.process_count()
@@ -358,16 +470,68 @@ class LoadedRun:
 
 
 def load_run(workdir: str, mesh: Mesh | None = None) -> LoadedRun:
-  """Restores model, tokenizer and config of the run in ``workdir`` (its latest step)."""
-  meta = checkpoints.read_meta(workdir)
-  run = run_of_meta(meta)
+  """Restores model, tokenizer and config of the run in ``workdir`` (its latest step), or
+  of an export of one (``weights.export``: a directory with ``colar.json``)."""
+  if export.is_export(workdir):
+    return load_export(workdir, mesh)
+  # The newest readable step (an older one with a warning; read-only: nothing is moved).
+  run = run_of_meta(checkpoints.read_meta(workdir))
   if mesh is None:  # all local devices, data parallel (the run's own mesh may not fit)
     mesh = shd.make_mesh()
-  model, _ = load_model(workdir, mesh, shd.logical_rules(run.sharding))
-  tok = prompts.load_tokenizer(meta["tokenizer_dir"], pad_as_eos=bool(run.model.hf_dir))
+  model, meta = load_model(workdir, mesh, shd.logical_rules(run.sharding))
+  run = run_of_meta(meta)
+  tok = load_tokenizer(meta["tokenizer_dir"], pad_as_eos=bool(run.model.hf_dir))
+  if meta["checkpoint"] != meta["newest"]:
+    logging.warning(
+      "using %s (step %s), not the newest step %s (unreadable)",
+      meta["checkpoint"],
+      meta.get("step"),
+      os.path.basename(meta["newest"]),
+    )
   logging.info("loaded %s (step %s)", meta["checkpoint"], meta.get("step"))
   return LoadedRun(
     model=model, tokenizer=tok, run=run, embed_std=float(meta["embed_std"]), meta=meta
+  )
+
+
+def load_export(path: str, mesh: Mesh | None = None) -> LoadedRun:
+  """A run exported by ``python -m colar_jax export``: the LM from its HF files (LoRA
+  already merged), the latent head / projection from ``colar.safetensors``."""
+  info, heads = export.read_parts(path)
+  run = cfglib.from_config_dict(cfglib.upgrade_legacy(info["config"]))
+  m = run.model
+  mc = ModelConfig.from_hf_dir(
+    path,
+    dtype=m.dtype,
+    param_dtype=info["param_dtype"],
+    remat=m.remat,
+    attention_impl=m.attention_impl,
+    latent_hidden_size=m.latent_hidden_size,
+    latent_deterministic=m.latent_deterministic,
+    latent_proj_size=int(info["latent_proj_size"]),
+  )
+  mesh = mesh or shd.make_mesh()
+  rules = shd.logical_rules(run.sharding)
+  model = nnx.eval_shape(lambda: CoLaRModel(mc, rngs=nnx.Rngs(0)))
+  model.lm = convert.load_hf_into_model(path, mc, mesh, rules)
+  model.latent_head = shd.create_sharded(lambda: LatentHead(mc, rngs=nnx.Rngs(0)), mesh, rules)
+  checkpoints.transplant(model.latent_head, heads["latent_head"], path, complete=True)
+  if mc.latent_proj_size > 0:
+    model.latent_proj = shd.create_sharded(
+      lambda: LatentProjection(mc, rngs=nnx.Rngs(0)), mesh, rules
+    )
+    checkpoints.transplant(model.latent_proj, heads["latent_proj"], path, complete=True)
+  tok = prompts.load_tokenizer(path, pad_as_eos=bool(info["pad_as_eos"]))
+  meta = dict(
+    checkpoint=os.path.abspath(path),
+    step=info.get("step"),
+    tokenizer_dir=path,
+    embed_std=info["embed_std"],
+    export=info,
+  )
+  logging.info("loaded the export %s (run step %s)", path, info.get("step"))
+  return LoadedRun(
+    model=model, tokenizer=tok, run=run, embed_std=float(info["embed_std"]), meta=meta
   )
 
 
@@ -375,6 +539,10 @@ def setup_compile_cache(path: str) -> None:
   """Persistent compilation cache (re-compiles drop from seconds to ~1 s on CPU)."""
   if path:
     path = os.path.expanduser(path)
-    os.makedirs(path, exist_ok=True)
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a read-only home: compile every time, but run
+      logging.warning("no compilation cache: cannot create %s (%s)", path, e.strerror)
+      return
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -29,9 +29,10 @@ import numpy as np
 from colar_jax import config as cfglib
 from colar_jax.data import pipeline
 from colar_jax.train import state as ts
+from colar_jax.train import workdir as workdir_lib
 from colar_jax.train.hooks import NonFiniteLossError, generation_metrics, start
 from colar_jax.train.logs import Progress
-from colar_jax.train.run import RunSetup, rollout_config, setup
+from colar_jax.train.run import RunSetup, check_inputs, rollout_config, setup
 
 KILL_ENV = "COLAR_DEBUG_KILL_AT_STEP"
 _NON_BATCH_KEYS = ("speed", "compression_factor", "stage")
@@ -103,10 +104,21 @@ def _host_batch(it: Iterator[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarr
   return batch, cf, tokens
 
 
-def train(run: cfglib.Run, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) SFT of ``run.method``; returns the last logged train record."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+def train(run: cfglib.Run, workdir: str, *, allow_config_change: bool = False) -> dict[str, Any]:
+  """Runs (or resumes) SFT of ``run.method``; returns the last logged train record.
+
+  The workdir is locked for this run and a resume's config compared with the saved one
+  (``train.workdir.claim``; ``allow_config_change`` accepts and records other changes).
+  The rollout settings only shape SFT's validation, so they may change on a resume.
+  """
+  check_inputs(run)
+  with workdir_lib.claim(
+    run, workdir, allow_config_change=allow_config_change, extra_safe=("rollout.",)
+  ) as path:
+    return _train(run, path)
+
+
+def _train(run: cfglib.Run, workdir: str) -> dict[str, Any]:
   s = setup(run, workdir)
   run = s.run
   num_steps, accum = int(run.train.num_steps), max(1, int(run.optim.grad_accum))

@@ -316,7 +316,11 @@ def load_orbax_dir(
     target[k] = jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=shards[p])
   extra = sorted("/".join(k) for k in set(meta) - set(plan.values()))
   if extra:
-    hint = " (LoRA adapters: load with lora_rank > 0)" if any("lora" in e for e in extra) else ""
+    hint = (
+      " (LoRA adapters: load with lora_rank > 0 and their lora_targets)"
+      if any("lora" in e for e in extra)
+      else ""
+    )
     raise ValueError(
       f"{params}: parameters not in the configured model{hint}: "
       f"{', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}"

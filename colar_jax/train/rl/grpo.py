@@ -2,7 +2,8 @@
 
 Pure functions, one per paper equation, so ``train/rl/loop.py`` stays a loop and the
 math is unit-testable against NumPy. Follows the reference (tiny-grpo derived
-``src/modules/grpo.py``) with its normaliser exposed instead of hard-coded.
+``src/modules/grpo.py``) with its normaliser exposed instead of hard-coded; the
+log-ratio clamp is an opt-in extra (``rl.clip_log_ratio``).
 """
 
 from __future__ import annotations
@@ -39,18 +40,24 @@ def clipped_surrogate(
   mask: jax.Array,
   advantages: jax.Array,
   clip_eps: float,
-  average_per_token: bool = True,
+  average_per_token: bool = False,
   sum_normalizer: float = 32.0,
+  clip_log_ratio: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
   """PPO-clipped loss over a [B, T] sequence of log-probs; returns (loss, clip_frac).
 
-  Per sequence: mean over its real tokens (``average_per_token``) or a sum
-  divided by a fixed ``sum_normalizer`` (the reference divides by 32); then the
-  mean over sequences. The log-ratio is clamped to [-3, 3] as the reference,
-  so one stale sample cannot blow up the step.
+  The ratio is the reference's plain ``exp(logp - old_logp)``. Per sequence: a sum
+  divided by a fixed ``sum_normalizer`` (the reference's default, which divides by 32)
+  or the mean over its real tokens (``average_per_token``); then the mean over
+  sequences. ``clip_log_ratio > 0`` (opt-in, not in the reference) clamps the log-ratio
+  to [-clip_log_ratio, clip_log_ratio] before the exp, a guard against one stale sample's
+  huge ratio; padded positions get log-ratio 0 either way, so their garbage log-probs
+  never reach the exp.
   """
   mask = mask.astype(jnp.float32)
-  diff = jnp.clip(jnp.where(mask > 0, logp - old_logp, 0.0), -3.0, 3.0)
+  diff = jnp.where(mask > 0, logp - old_logp, 0.0)
+  if clip_log_ratio > 0:
+    diff = jnp.clip(diff, -clip_log_ratio, clip_log_ratio)
   ratio = jnp.exp(diff)
   adv = advantages[:, None]
   surr1 = ratio * adv

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,10 +48,11 @@ from colar_jax import config as cfglib
 from colar_jax.data import pipeline, prompts
 from colar_jax.model import sharding as shd
 from colar_jax.train import state as ts
+from colar_jax.train import workdir as workdir_lib
 from colar_jax.train.hooks import NonFiniteLossError, answer_kind, generation_metrics, start
 from colar_jax.train.logs import Progress
 from colar_jax.train.rl import step as rlx
-from colar_jax.train.run import Data, check_batch_axes, rollout_config, setup
+from colar_jax.train.run import Data, check_batch_axes, check_inputs, rollout_config, setup
 
 __all__ = ["NonFiniteLossError", "rl_num_steps", "train"]
 
@@ -218,15 +218,25 @@ def _check(run: cfglib.Run, mesh: Any) -> int:
 ScoreFn = Callable[[list[str], list[str]], np.ndarray]
 
 
-def train(run: cfglib.Run, workdir: str, *, score_fn: ScoreFn | None = None) -> dict[str, Any]:
+def train(
+  run: cfglib.Run,
+  workdir: str,
+  *,
+  score_fn: ScoreFn | None = None,
+  allow_config_change: bool = False,
+) -> dict[str, Any]:
   """Runs (or resumes) GRPO; returns the last train record.
 
   ``score_fn(texts, golds) -> 1/0 per sample`` (``golds`` one per QUESTION, samples
   question-major) replaces answer checking; tests use it to give an untrained model
   a reward signal.
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  check_inputs(run)
+  with workdir_lib.claim(run, workdir, allow_config_change=allow_config_change) as path:
+    return _train(run, path, score_fn)
+
+
+def _train(run: cfglib.Run, workdir: str, score_fn: ScoreFn | None) -> dict[str, Any]:
   if not run.init_from:
     logging.warning(
       "rl: no config.init_from; RL from an un-fine-tuned model has (almost) no reward to learn from"

@@ -226,7 +226,10 @@ def rl_loss(
   new_ans = answer_sequence(new.eot_logprob, new.answer_logprobs)
   old_ans = answer_sequence(out.eot_logprob, out.answer_logprobs)
   kw = dict(
-    clip_eps=rl.clip_eps, average_per_token=rl.average_per_token, sum_normalizer=rl.sum_normalizer
+    clip_eps=rl.clip_eps,
+    average_per_token=rl.average_per_token,
+    sum_normalizer=rl.sum_normalizer,
+    clip_log_ratio=rl.clip_log_ratio,
   )
   lat_loss, lat_clip = grpo.clipped_surrogate(
     new.latent_logprobs, out.latent_logprobs, lat_mask, exp.advantages, **kw
