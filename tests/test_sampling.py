@@ -115,7 +115,7 @@ def test_ties_break_towards_the_lower_token_id():
   assert np.asarray(top_p_mask(tied, 0.5))[0].nonzero()[0].tolist() == [0, 1]
 
 
-@pytest.mark.parametrize("top_k", [0, 30, 50, 10_000])
+@pytest.mark.parametrize("top_k", [0, 30, 50])
 def test_draws_bit_identical_to_before_when_top_k_keeps_the_vocabulary(top_k):
   vocab, n = 30, 512  # the demo's vocabulary size is ~30: top_k 50 does not cut it
   logits = jax.random.normal(jax.random.key(1), (n, vocab)) * 3.0
@@ -163,12 +163,16 @@ def test_greedy_and_zero_temperature_take_the_argmax():
 def test_categorical_is_jax_random_categorical_draw_for_draw(shape):
   logits = jax.random.normal(jax.random.key(3), shape) * 2.0
   logits = logits.at[0, 1:3].set(-jnp.inf)  # masked entries, as the filters leave them
-  for seed in range(4):
+  for seed in range(2):
     keys = jax.random.split(jax.random.key(seed), shape[0])
     np.testing.assert_array_equal(
       np.asarray(categorical(keys, logits)),
       np.asarray(jax.vmap(jax.random.categorical)(keys, logits)),
     )
+  raw = jax.random.split(jax.random.PRNGKey(5), shape[0])  # legacy uint32 keys
+  np.testing.assert_array_equal(
+    np.asarray(categorical(raw, logits)), np.asarray(jax.vmap(jax.random.categorical)(raw, logits))
+  )
   keys = jax.random.split(jax.random.key(9), 4096)  # many draws over a small vocabulary
   small = jnp.broadcast_to(logits[-1, :5], (4096, 5))
   np.testing.assert_array_equal(

@@ -14,6 +14,10 @@ CoLaR inference (``latent_generate`` of the reference) is, per row:
    greedy) until EOS -- here CONTINUING FROM THE SAME KV CACHE (the reference re-runs
    the whole prefix through ``generate``; the result is the same distribution).
 
+The prefill is the decoder's own call; the latent and answer loops run the same layers
+through :class:`_Steps` on a :class:`LayerCache` (unrolled, one cache buffer per layer,
+laid out for the decode attention), which is what makes a step cheap on CPU.
+
 The end-of-thinking check compares the sampled token ID with ``separator_id`` (the
 reference does the same: ``convert_tokens_to_ids("###")``), so the tokenizer must map
 the separator to one id -- ``colar_jax.data.prompts.separator_id`` enforces that.

@@ -26,10 +26,11 @@ depends only on its key and its logits, never on which other rows share the batc
 this is what makes rollouts batch-invariant (see ``rollout.py``).
 
 :func:`categorical` is ``vmap(jax.random.categorical)`` computed faster on CPU, draw for
-draw the same (tested bit-identical): the Gumbel-max trick with the arg-max as a max and
-a first-index-of-the-max (XLA:CPU runs ``jnp.argmax``'s variadic reduce ~3x slower than
-the Gumbel noise itself) and, for threefry keys, the threefry rounds unrolled (JAX's CPU
-lowering rolls them into a loop that materialises every round).
+draw the same (tested bit-identical): the same Gumbel-max trick, but the arg-max as a max
+and a first-index-of-the-max (XLA:CPU runs ``jnp.argmax``'s variadic reduce ~3x slower
+than the Gumbel noise itself), the threefry rounds unrolled (JAX's CPU lowering rolls them
+into a loop that materialises every round) and a lone row split in two (see there). It
+falls back to ``jax.random.categorical`` for other PRNGs, key layouts or Gumbel modes.
 """
 
 from __future__ import annotations
