@@ -24,7 +24,6 @@ import numpy as np
 
 from colar_jax.data.prompts import Speed
 from colar_jax.data.records import Record
-from colar_jax.methods import curriculum
 from colar_jax.methods.base import (
   Batch,
   EncodeContext,
@@ -36,6 +35,7 @@ from colar_jax.methods.base import (
   next_token_ce,
   projection_width,
 )
+from colar_jax.methods.curriculum import stage_of
 from colar_jax.methods.encoding import encode_curriculum
 from colar_jax.methods.thoughts import first_real, thought_pass
 from colar_jax.model import CoLaRModel
@@ -93,7 +93,7 @@ class Coconut(Method):
     return coconut_loss(model, batch, key, c=c)
 
   def stage(self, run: Any, epoch: int) -> int:
-    return curriculum.stage_of(run.baselines.coconut.curriculum, epoch)
+    return stage_of(run.baselines.coconut.curriculum, epoch)
 
   def encode(
     self, run: Any, records: Sequence[Record], ctx: EncodeContext, *, speed: Speed, stage: int

@@ -39,8 +39,8 @@ from colar_jax.data.prompts import (
   pad_batch,
 )
 from colar_jax.data.records import Record
-from colar_jax.methods import curriculum
 from colar_jax.methods.base import EncodeContext, PromptSpec
+from colar_jax.methods.curriculum import is_final, steps_removed
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +175,13 @@ def encode_curriculum(
   """A batch at ``stage`` of the curriculum ``cur`` (a ``config.Curriculum``): the first
   steps it removes are gone (iCoT) or replaced by ``n_latents`` thoughts (Coconut). The
   remaining steps start with their own separator (after the prompt, or the thoughts)."""
-  kept = [tuple(r.steps[curriculum.steps_removed(cur, stage, len(r.steps)) :]) for r in records]
+  kept = [tuple(r.steps[steps_removed(cur, stage, len(r.steps)) :]) for r in records]
   return encode_staged(
     records,
     ctx,
     prompt=prompt,
     kept=kept,
-    all_gone=curriculum.is_final(cur, stage),
+    all_gone=is_final(cur, stage),
     opened=False,
     stage=stage,
     n_latents=n_latents,

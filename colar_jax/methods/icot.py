@@ -14,9 +14,9 @@ import numpy as np
 
 from colar_jax.data.prompts import Speed
 from colar_jax.data.records import Record
-from colar_jax.methods import curriculum
 from colar_jax.methods.base import EncodeContext, Method, PromptSpec, check_uncompressed
 from colar_jax.methods.cot import cot_loss
+from colar_jax.methods.curriculum import stage_of
 from colar_jax.methods.encoding import encode_curriculum
 
 
@@ -30,7 +30,7 @@ class ICoT(Method):
     return cot_loss(model, batch, key)
 
   def stage(self, run: Any, epoch: int) -> int:
-    return curriculum.stage_of(run.baselines.icot, epoch)
+    return stage_of(run.baselines.icot, epoch)
 
   def encode(
     self, run: Any, records: Sequence[Record], ctx: EncodeContext, *, speed: Speed, stage: int
