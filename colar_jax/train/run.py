@@ -29,25 +29,29 @@ from colar_jax.model import sharding as shd
 from colar_jax.train import state as ts
 from colar_jax.weights import checkpoints, convert, export
 
-
 # ----------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------
+# The ``model`` keys that are numerics / adapters rather than architecture: the same
+# names in ``config.Model`` and ``ModelConfig``.
+NUMERICS = (
+  "dtype",
+  "param_dtype",
+  "remat",
+  "attention_impl",
+  "lora_rank",
+  "lora_alpha",
+  "lora_targets",
+  "latent_hidden_size",
+  "latent_deterministic",
+)
+
+
 def model_config(run: cfglib.Run) -> ModelConfig:
   """The ModelConfig of a run: from ``model.hf_dir`` if set, else ``model.arch``; the
   latent projection's width from the method."""
   m = run.model
-  numerics = dict(
-    dtype=m.dtype,
-    param_dtype=m.param_dtype,
-    remat=m.remat,
-    attention_impl=m.attention_impl,
-    lora_rank=m.lora_rank,
-    lora_alpha=m.lora_alpha,
-    lora_targets=tuple(m.lora_targets),
-    latent_hidden_size=m.latent_hidden_size,
-    latent_deterministic=m.latent_deterministic,
-  )
+  numerics = {k: getattr(m, k) for k in NUMERICS}
   if m.hf_dir:
     cfg = ModelConfig.from_hf_dir(m.hf_dir, **numerics)
   else:
@@ -61,20 +65,7 @@ def model_config(run: cfglib.Run) -> ModelConfig:
 def _from_hf_dir(run: cfglib.Run, mesh: Mesh, rules: Any) -> CoLaRModel:
   """Decoder from a converted dir (``convert.load_orbax_dir``) + a fresh latent head."""
   mc = model_config(run)
-  overrides = {
-    k: getattr(mc, k)
-    for k in (
-      "dtype",
-      "param_dtype",
-      "remat",
-      "attention_impl",
-      "lora_rank",
-      "lora_alpha",
-      "lora_targets",
-      "latent_hidden_size",
-      "latent_deterministic",
-    )
-  }
+  overrides = {k: getattr(mc, k) for k in NUMERICS}
   _, decoder = convert.load_orbax_dir(
     run.model.hf_dir, mesh=mesh, rules=rules, seed=int(run.seed), **overrides
   )
