@@ -30,19 +30,21 @@ import ml_collections as mlc
 from absl import logging as absl_logging
 
 from colar_jax import config as cfglib
-from colar_jax import demo, evaluate, methods
+from colar_jax import demo, evaluate, methods, paths
 from colar_jax.data import answers as answer_lib
 from colar_jax.data import builders
 from colar_jax.data.records import DataFormatError, Record
 from colar_jax.decode.generate import Generation, make_generate_fn
 from colar_jax.model import sharding as shd
-from colar_jax.train import sft
+from colar_jax.train import logs, sft
 from colar_jax.train.hooks import NonFiniteLossError, answer_kind
 from colar_jax.train.rl import loop as rl_loop
 from colar_jax.train.run import (
   check_source,
   check_split,
   data_dir_of,
+  is_converted_dir,
+  load_converted,
   load_run,
   prepare_data,
   run_of_meta,
@@ -203,9 +205,14 @@ def _train(
   run = resolve_config(args.config, overrides)
   setup_compile_cache(run.jax_cache_dir)
   shd.maybe_initialize_distributed(run.distributed)
+  if run.train.wandb:
+    logs.import_wandb()  # missing: one line now, not after the model is built
+  first = checkpoints.last_complete_step(args.workdir)
+  t0 = time.perf_counter()
   with _oom_as_user_error(oom_hint(run, command)):
-    last = train_fn(run, args.workdir, allow_config_change=args.allow_config_change)
-  logging.info("done: %s", {k: last[k] for k in sorted(last) if k not in ("kind",)})
+    train_fn(run, args.workdir, allow_config_change=args.allow_config_change)
+  if jax.process_index() == 0:
+    print(logs.run_summary(command, args.workdir, first, time.perf_counter() - t0), flush=True)
 
 
 @command(
@@ -230,15 +237,13 @@ def rl_cmd(args: argparse.Namespace, overrides: list[str]) -> None:
   _train(args, overrides, rl_loop.train, "rl")
 
 
-def _factors(text: str) -> list[int]:
+def _factors(text: str, flag: str = "--compression") -> list[int]:
   try:
-    out = [int(x) for x in text.split(",") if x.strip()]
+    out = [int(x) for x in str(text).split(",") if x.strip()]
   except ValueError:
-    raise cfglib.ConfigError(
-      f"config: --compression: {text!r} is not a comma list of ints"
-    ) from None
+    raise cfglib.ConfigError(f"config: {flag}: {text!r} is not a comma list of ints") from None
   if not out or min(out) < 1:
-    raise cfglib.ConfigError(f"config: --compression: factors must be >= 1, got {text!r}")
+    raise cfglib.ConfigError(f"config: {flag}: factors must be >= 1, got {text!r}")
   return out
 
 
@@ -275,7 +280,8 @@ def eval_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
       f"config: --dataset: unknown dataset {args.dataset!r}; known: "
       f"{', '.join(sorted(builders.BUILDERS))}"
     )
-  if not export.is_export(args.workdir):
+  base_model = is_converted_dir(args.workdir)
+  if not base_model and not export.is_export(args.workdir):
     checkpoints.step_dirs(args.workdir)  # no run there: say so before writing anything
   out_dir = args.out_dir or os.path.join(args.workdir, "eval")
   _check_writable(
@@ -283,13 +289,12 @@ def eval_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
   )
   # The questions first (an unknown split fails before the model loads), from the saved
   # config; an export (no checkpoint to read it from) after loading.
-  saved = _saved_run(args.workdir)
+  saved = None if base_model else _saved_run(args.workdir)
   qa = None
   if saved is not None:
     base = cfglib.to_config_dict(saved[0])
     qa = _eval_questions(args, resolve_config(args.config, overrides, base=base))
-  lr = load_run(args.workdir)
-  run = resolve_config(args.config, overrides, base=cfglib.to_config_dict(lr.run))
+  lr, run = _load_for_decoding(args, overrides)
   setup_compile_cache(run.jax_cache_dir)
   data = dataclasses.replace(run.data, dataset=args.dataset or run.data.dataset)
   questions, golds = qa or _eval_questions(args, run)
@@ -321,15 +326,38 @@ def eval_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     answer_kind=args.answer_kind or answer_kind(dataclasses.replace(run, data=data)),
     progress=not args.no_progress,
     extra=dict(checkpoint=lr.meta["checkpoint"], step=lr.meta.get("step")),
+    # Short batches sized to the work; every prompt at the largest question bucket:
+    # one rollout program per batch shape for every factor, seed and dataset.
+    bucket_choices=4,
+    fixed_prompt_length=True,
   )
+
+
+def _load_for_decoding(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, cfglib.Run]:
+  """(the loaded model, the config it decodes with) of ``--workdir``: a trained run or an
+  export (its saved config under ``--config`` / overrides), or a converted base model
+  (``convert hf-to-orbax``'s dir; ``--config`` or the schema's defaults, a token method:
+  ``--method``, else the config's when it is one, else cot)."""
+  if is_converted_dir(args.workdir):
+    run = resolve_config(args.config, overrides)
+    method = args.method or (run.method if methods.get(run.method).latent_mode == "none" else "cot")
+    lr = load_converted(args.workdir, dataclasses.replace(run, method=method))
+    return lr, lr.run
+  lr = load_run(args.workdir)
+  return lr, resolve_config(args.config, overrides, base=cfglib.to_config_dict(lr.run))
 
 
 def _check_writable(path: str, hint: str) -> None:
   """Results can be written to ``path`` (checked before any work; ``hint``: what to do)."""
   try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
-      pass
+    paths.makedirs(path)
+    if paths.is_url(path):  # an object store: write and delete a probe object
+      probe = paths.path(paths.join(path, f".write_probe_{os.getpid()}"))
+      probe.write_text("")
+      probe.unlink()
+    else:
+      with tempfile.TemporaryFile(dir=path):
+        pass
   except OSError as e:
     raise checkpoints.WriteError(f"cannot write {path}: {e.strerror}{hint}") from None
 
@@ -403,10 +431,11 @@ def _questions(args: argparse.Namespace, stdin: Iterable[str]) -> Iterable[str]:
 
 @command(
   "generate",
-  "answer questions with a trained run (one compile, then fast)",
+  "answer questions with a trained run or a converted base model (one compile, then fast)",
   _WORKDIR,
   arg("question", nargs="*", help="question text (several words are joined)"),
   arg("--speed", type=int, default=1, help="compression factor c of the prompt"),
+  arg("--speeds", default=None, help="comma list of factors: each question at each (one compile)"),
   arg("--seed", type=int, default=0),
   arg("--greedy", action="store_true", help="greedy answer decoding"),
   arg("--method", default=None, help="default: the run's method"),
@@ -422,13 +451,17 @@ def generate_cmd(
     raise cfglib.ConfigError("config: the question is empty")
   if args.speed < 1:
     raise cfglib.ConfigError("config: --speed must be >= 1")
-  saved = _saved_run(args.workdir)  # the speed is checked before the model loads
-  if saved is not None:
-    _check_speed(*saved, args.method or saved[0].method, args.speed)
-  lr = load_run(args.workdir)
-  _check_speed(lr.run, lr.meta, args.method or lr.method, args.speed)
-  run = resolve_config(args.config, overrides, base=cfglib.to_config_dict(lr.run))
+  speeds = _factors(args.speeds, "--speeds") if args.speeds else [args.speed]
+  saved = None if is_converted_dir(args.workdir) else _saved_run(args.workdir)
+  if saved is not None:  # the speeds are checked before the model loads
+    for sp in speeds:
+      _check_speed(*saved, args.method or saved[0].method, sp)
+  lr, run = _load_for_decoding(args, overrides)
+  for sp in speeds:
+    _check_speed(lr.run, lr.meta, args.method or lr.method, sp)
   rc = lr.rollout_config(run.rollout, **({"greedy": True} if args.greedy else {}))
+  # One row, every prompt at the largest question bucket, c in the prompt text: ONE
+  # compiled rollout answers every question at every speed.
   gen = make_generate_fn(
     lr.model,
     lr.tokenizer,
@@ -438,10 +471,13 @@ def generate_cmd(
     run=run,
     templates=lr.templates,
     buckets=lr.buckets,
+    fixed_prompt_length=True,
   )
   for i, q in enumerate(_questions(args, stdin if stdin is not None else sys.stdin)):
-    (g,) = gen([q], [i], args.speed, args.seed)
-    print(format_generation(g, lr.templates.answer_prefix), flush=True)
+    for sp in speeds:
+      (g,) = gen([q], [i], sp, args.seed)
+      head = f"speed: {sp}\n" if len(speeds) > 1 else ""
+      print(head + format_generation(g, lr.templates.answer_prefix), flush=True)
 
 
 @command(
@@ -483,6 +519,11 @@ def convert_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any
   _WORKDIR,
   arg("dst", help="output directory (transformers loads it; eval/generate take it)"),
   arg("--dtype", default=None, help="LM weights dtype (default: the stored one)"),
+  arg(
+    "--peft",
+    action="store_true",
+    help="also DST/peft: the un-merged LoRA adapters as a PEFT adapter dir + their base LM",
+  ),
   config_help="unused (the run's own config is exported)",
 )
 def export_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
@@ -503,11 +544,39 @@ def export_cmd(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]
     pad_as_eos=bool(lr.run.model.hf_dir),
     config=cfglib.to_dict(lr.run),
   )
+  if args.peft and mc.lora_rank <= 0:
+    raise cfglib.ConfigError(
+      f"config: --peft: {args.workdir} has no LoRA adapters (model.lora_rank = 0)"
+    )
   summary = export.export_model(
-    lr.model, args.dst, tokenizer_dir=lr.meta["tokenizer_dir"], info=info, dtype=args.dtype
+    lr.model,
+    args.dst,
+    tokenizer_dir=lr.meta["tokenizer_dir"],
+    info=info,
+    dtype=args.dtype,
+    peft=args.peft,
   )
   print(json.dumps(summary))
   return summary
+
+
+def dropped_line(result: builders.PrepareResult) -> str:
+  """How many source records ``data prepare`` left out, and why (the dataset's metadata:
+  malformed records skipped with --skip_bad, by kind; GSM8k's empty equation chains)."""
+  meta = result.metadata
+  n_bad = sum(result.skipped.values())
+  reasons = dict(meta.get("skipped_reasons") or {})
+  if n_bad and sum(reasons.values()) != n_bad:  # prepared before the kinds were kept
+    reasons = {f"malformed in {name}": k for name, k in result.skipped.items() if k}
+  empty = int(meta.get("dropped_empty_chain", 0))
+  if empty:
+    reasons["empty reasoning chain (no <<...>> equation; gsm8k drop_empty_chains)"] = empty
+  total = n_bad + empty
+  if not total:
+    return "dropped: 0 records"
+  kept = sum(result.sizes.values())
+  why = ", ".join(f"{k} {why}" for why, k in sorted(reasons.items(), key=lambda kv: -kv[1]))
+  return f"dropped: {total} of {kept + total} records: {why}"
 
 
 @command(
@@ -553,10 +622,11 @@ def data_cmd(args: argparse.Namespace, overrides: list[str]) -> int:
   if args.action == "prepare":
     for split, size in sorted(result.sizes.items()):
       print(f"{split}: {size}")
-    if args.skip_bad or any(result.skipped.values()):
-      print(f"skipped: {sum(result.skipped.values())} {dict(result.skipped)}")
-      for msg in result.metadata.get("skipped_examples", [])[:5]:
-        print(f"  {msg}")
+    print(dropped_line(result))
+    for msg in result.metadata.get("skipped_examples", [])[:5]:
+      print(f"  {msg}")
+    if any(result.skipped.values()) and not args.skip_bad:
+      print("  (prepared earlier with --skip_bad)")
     return 0
   if not builder.is_prepared():
     raise cfglib.ConfigError(

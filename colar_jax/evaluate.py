@@ -11,19 +11,21 @@ output length). Decoding itself is :mod:`colar_jax.decode.generate`.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from colar_jax import methods
+from colar_jax import methods, paths
+from colar_jax.data import answers as answer_lib
 from colar_jax.data import prompts
 from colar_jax.decode.generate import GenerateFn, answer_all, make_generate_fn
 from colar_jax.decode.rollout import RolloutConfig
+from colar_jax.train.logs import pct
 
 
 def ci95(values: Sequence[float]) -> float:
@@ -56,7 +58,7 @@ def format_table(method: str, factors: dict[int, dict[str, Any]]) -> str:
     f"{'c':>4} {'accuracy':>16} {'#L':>8} {'#L(correct)':>12} {'ans len':>8}",
   ]
   for c, m in factors.items():
-    acc = f"{100 * m['accuracy']:.2f} +- {100 * m['accuracy_ci95']:.2f}"
+    acc = f"{100 * m['accuracy']:.2f}% +- {100 * m['accuracy_ci95']:.2f}"
     lines.append(
       f"{c:>4} {acc:>16} {m['num_latent']:>8.2f} "
       f"{m['num_latent_correct']:>12.2f} {m['answer_length']:>8.2f}"
@@ -84,8 +86,35 @@ def save_plot(path: str, method: str, factors: dict[int, dict[str, Any]]) -> Non
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, format="png")
+  buf = io.BytesIO()  # a URL too (savefig would open it as a local file)
+  fig.savefig(buf, format="png")
   plt.close(fig)
+  paths.write_bytes(path, buf.getvalue())
+
+
+def _with_running_accuracy(
+  gen: GenerateFn, answers: Sequence[str], prefix: str, kind: str, bar: Any
+) -> GenerateFn:
+  """``gen`` that also shows the factor's running accuracy and #L on the progress bar
+  (its own check of each batch's answers; ``gen`` itself when the bar is off)."""
+  if bar.disable:
+    return gen
+  tally = [0, 0, 0.0]  # correct, answered, latent steps
+
+  def fn(questions: Sequence[str], idx: Sequence[int], factor: int, seed: int) -> Any:
+    gens = gen(questions, idx, factor, seed)
+    for i, g in zip(idx, gens):
+      pred = answer_lib.extract_answer(g.text, prefix)
+      tally[0] += bool(answer_lib.is_correct(pred, answers[i], kind))
+      tally[1] += 1
+      tally[2] += g.num_latent
+    n = max(tally[1], 1)
+    bar.set_postfix_str(
+      f"c={factor} seed={seed} acc={pct(tally[0] / n)} #L={tally[2] / n:.1f}", refresh=False
+    )
+    return gens
+
+  return fn
 
 
 def evaluate(
@@ -109,6 +138,8 @@ def evaluate(
   log: Callable[[str], None] = print,
   name: str | None = None,
   extra: dict[str, Any] | None = None,
+  bucket_choices: int = 1,
+  fixed_prompt_length: bool = False,
 ) -> dict[str, Any]:
   """Accuracy / #L / answer length per compression factor, mean and CI over seeds.
 
@@ -119,6 +150,10 @@ def evaluate(
   ``<name>.json`` (the returned summary, plus ``extra``) and ``<name>.png``; ``name``
   defaults to ``eval_<method>``. ``extra``'s ``checkpoint`` and ``step`` (what was
   evaluated) also go into every JSONL record and head the printed table.
+  ``bucket_choices`` / ``fixed_prompt_length``: the decoder's batch and prompt shapes
+  (:func:`colar_jax.decode.generate.make_generate_fn`); ``eval`` sizes short batches to
+  the work (4 choices) and pads every prompt to the largest question bucket, so one
+  program serves every factor, seed and dataset of a batch shape.
   """
   if len(questions) != len(answers):
     raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
@@ -138,6 +173,8 @@ def evaluate(
       batch_size=batch_size,
       templates=templates,
       buckets=buckets,
+      bucket_choices=bucket_choices,
+      fixed_prompt_length=fixed_prompt_length,
     )
   stamp = {k: extra[k] for k in ("checkpoint", "step") if extra and k in extra}
   n = len(questions)
@@ -151,9 +188,10 @@ def evaluate(
     correct = np.zeros((len(seed_list), n))
     lengths = np.zeros((len(seed_list), n))
     ans_len = np.zeros((len(seed_list), n))
+    gen_c = _with_running_accuracy(generate_fn, answers, templates.answer_prefix, answer_kind, bar)
     for si, seed in enumerate(seed_list):
       sc = answer_all(
-        generate_fn,
+        gen_c,
         questions,
         answers,
         factor=c,
@@ -189,13 +227,10 @@ def evaluate(
     method=method, num_questions=n, seeds=seed_list, factors=summary, **(extra or {})
   )
   if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, name or f"eval_{method}")
-    with open(stem + ".jsonl", "w") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
+    paths.makedirs(out_dir)
+    stem = paths.join(out_dir, name or f"eval_{method}")
+    paths.write_text(stem + ".jsonl", "".join(json.dumps(r) + "\n" for r in records))
     save_plot(stem + ".png", method, summary)
     result.update(jsonl=stem + ".jsonl", plot=stem + ".png", summary=stem + ".json")
-    with open(stem + ".json", "w") as f:
-      json.dump(result, f, indent=2, default=str)
+    paths.write_text(stem + ".json", json.dumps(result, indent=2, default=str))
   return result

@@ -229,13 +229,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     return
   cols = list(dict.fromkeys(k for r in rows for k in r))
 
-  def fmt(v: Any) -> str:
+  def fmt(v: Any, col: str = "") -> str:
+    if isinstance(v, float) and col.endswith(("accuracy", "accuracy_ci95")):
+      return f"{100 * v:.1f}%"  # fractions as percentages (the JSON files keep them raw)
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-  widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
+  widths = {c: max(len(c), *(len(fmt(r.get(c, ""), c)) for r in rows)) for c in cols}
   print("  ".join(c.ljust(widths[c]) for c in cols))
   for r in rows:
-    print("  ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in cols))
+    print("  ".join(fmt(r.get(c, ""), c).ljust(widths[c]) for c in cols))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from colar_jax.train.run import model_config
 
 PRESETS = ("tiny", "smollm2_135m", "llama32_1b", "qwen2_1p5b")  # configs/base.py's docstring
 METHODS = ("cot", "colar", "nocot", "icot", "coconut", "distill")
-PHASES = ("cot", "colar", "rl", "nocot", "coconut")
+PHASES = ("cot", "colar", "rl", "nocot", "icot", "coconut", "distill")
 
 
 def _run(spec, *overrides):
@@ -113,4 +113,4 @@ def test_phase_config_files_load_every_phase(path, variant):
     n = "rl" if phase == "rl" else "train"
     assert getattr(small, n).num_steps < getattr(full, n).num_steps, phase
   with pytest.raises(ValueError, match="unknown phase"):
-    config.load(f"{path}:icot")
+    config.load(f"{path}:icott")

@@ -171,7 +171,7 @@ def test_cli_prepare_bad_input_skip_bad_and_show(tmp_path, capsys):
     cli_main(["prepare", "svamp", "--source", str(src), "--data_dir", data_dir, "--skip_bad"]) == 0
   )
   out = capsys.readouterr().out
-  assert "test: 2\n" in out and "skipped: 1 {'SVAMP.json': 1}" in out
+  assert "test: 2\n" in out and "dropped: 1 of 3 records: 1 empty 'Equation'\n" in out
   assert cli_main(["show", "svamp", "--data_dir", data_dir, "-n", "1", "--split", "test"]) == 0
   out = capsys.readouterr().out
   assert "question: b q?" in out and "step 1: ( 1.0 + 1.0 )" in out and "answer: 2" in out
@@ -191,7 +191,12 @@ def test_cli_synthetic_options(tmp_path, capsys):
     "5",
   ]
   assert cli_main(["prepare", "synthetic", *args]) == 0
-  assert capsys.readouterr().out.splitlines() == ["test: 5", "train: 50", "val: 5"]
+  assert capsys.readouterr().out.splitlines() == [
+    "test: 5",
+    "train: 50",
+    "val: 5",
+    "dropped: 0 records",
+  ]
   assert cli_main(["show", "synthetic", *args, "-n", "1"]) == 0
   assert re.search(r"question: x=\d;x[-+*]\d;", capsys.readouterr().out)
   # The options are the dataset's identity: other options are another, unprepared dataset.

@@ -24,7 +24,9 @@ QUICK_ROWS = {
   ("rl", 1),
   ("rl", 2),
   ("nocot", 1),
+  ("icot", 1),
   ("coconut", 1),
+  ("distill", 1),
 }
 
 
@@ -67,7 +69,7 @@ def test_demo_quick_end_to_end_then_reused(tmp_path, repo_root):
   r = _run(cmd, repo_root, timeout=600)
   out = r.stdout
   # Every phase trained and left a finished checkpoint at its step count.
-  steps = dict(cot=4, colar=4, rl=2, nocot=2, coconut=4)
+  steps = dict(cot=4, colar=4, rl=2, nocot=2, icot=4, coconut=4, distill=2)
   for phase, n in steps.items():
     _, step = checkpointing.resolve(str(root / phase))
     assert step == n, (phase, step)
@@ -89,13 +91,14 @@ def test_demo_quick_end_to_end_then_reused(tmp_path, repo_root):
   assert "| CoLaR+GRPO  |  2 |" in md and "| Coconut     |  1 |" in md
   assert "| CoLaR+GRPO  |  2 |" in out
   assert out.strip().splitlines()[-1] == f"workdir: {root}"
-  for label in ("[1/5] CoT", "[2/5] CoLaR", "[3/5] CoLaR+GRPO", "[4/5] No-CoT", "[5/5] Coconut"):
-    assert label in out
+  labels = ("CoT", "CoLaR", "CoLaR+GRPO", "No-CoT", "iCoT", "Coconut", "Distill")
+  for i, label in enumerate(labels):
+    assert f"[{i + 1}/7] {label}:" in out
 
   # A second run reuses every finished phase and evaluation: same table, no training.
   r2 = _run(cmd, repo_root, timeout=300)
-  assert r2.stdout.count("reusing the finished run") == 5
-  assert r2.stdout.count("reusing ") == 10  # + the 5 cached evaluations
+  assert r2.stdout.count("reusing the finished run") == 7
+  assert r2.stdout.count("reusing ") == 14  # + the 7 cached evaluations
   res2 = json.loads((root / "results.json").read_text())
   assert res2["rows"] == res["rows"]
   assert all(res2["reused"].values())
@@ -106,9 +109,14 @@ def test_demo_config_phases(tmp_path):
   (in the file, and rooted at the demo's workdir by ``demo.phase_config``)."""
   from colar_jax import config, demo
 
-  for path in (demo.DEMO_CONFIG, demo.REPO / "configs" / "smollm2_gsm8k.py"):
+  demo_phases = ("cot", "colar", "rl", "nocot", "icot", "coconut", "distill")
+  smol_phases = demo_phases
+  for path, want in (
+    (demo.DEMO_CONFIG, demo_phases),
+    (demo.REPO / "configs" / "smollm2_gsm8k.py", smol_phases),
+  ):
     mod = config.load_module(str(path))
-    assert tuple(mod.PHASES) == ("cot", "colar", "rl", "nocot", "coconut")
+    assert tuple(mod.PHASES) == want
     for phase in mod.PHASES:
       assert mod.TRAINER[phase] == ("rl" if phase == "rl" else "sft")
       for arg in (phase, phase + ",quick"):
@@ -133,7 +141,7 @@ def test_demo_config_phases(tmp_path):
         )
         assert run.data.data_dir == str(tmp_path / "data") and run.train.progress is False
     with pytest.raises(ValueError, match="unknown phase"):
-      mod.get_config("icot")
+      mod.get_config("grpo")
   mod = config.load_module(str(demo.DEMO_CONFIG))
   for quick in (False, True):
     c = mod.get_config("rl,quick" if quick else "rl")
@@ -141,7 +149,70 @@ def test_demo_config_phases(tmp_path):
   with pytest.raises(config.ConfigError, match="--phases"):
     demo.run_pipeline(str(tmp_path / "d"), phases=["colar"])  # its init_from is not listed
   with pytest.raises(config.ConfigError, match="--phases"):
-    demo.run_pipeline(str(tmp_path / "d"), phases=["cot", "icot"])
+    demo.run_pipeline(str(tmp_path / "d"), phases=["cot", "rl"])
+
+
+def _row(phase, c, acc, n_lat, ci=0.005):
+  return dict(phase=phase, method=phase, c=c, accuracy=acc, accuracy_ci95=ci, num_latent=n_lat)
+
+
+def _targets(rows, chain=None):
+  from colar_jax import demo
+
+  out = demo.check_targets(rows, chain=chain)
+  return {t["target"].split(" (")[0].split(" >=")[0]: t["ok"] for t in out}
+
+
+def test_chain_latents_is_the_mean_of_per_question_ceilings(tmp_path):
+  from colar_jax import demo
+
+  p = tmp_path / "cot.jsonl"
+  p.write_text("".join(json.dumps(dict(num_latent=n, correct=True)) + "\n" for n in (24, 28)))
+  got = demo.chain_latents(str(p), (1, 2, 5))
+  assert got == {1: 26.0, 2: 13.0, 5: 5.5}  # c=5: (ceil(24/5) + ceil(28/5)) / 2
+  assert demo.chain_latents(str(tmp_path / "missing.jsonl"), (1,)) == {}
+  # 5.0 latents at c=5 is within 10% of 5.5, not of ceil(26 / 5) = 6.
+  rows = [_row("cot", 1, 0.99, 26.0), _row("colar", 5, 0.95, 5.0)]
+  assert _targets(rows, got)["CoLaR c=5"] and not _targets(rows)["CoLaR c=5"]
+
+
+def test_demo_targets_on_hand_made_tables():
+  """The issue-18 targets on tables whose verdicts are known by construction."""
+  chain = 26.0  # CoT's #L; ceil(26 / c) = 26, 13, 9, 7, 6
+  good = [_row("cot", 1, 0.99, chain)]
+  good += [
+    _row("colar", c, a, n)
+    for c, a, n in zip(range(1, 6), (0.98, 0.97, 0.95, 0.93, 0.92), (26.0, 13.0, 8.7, 6.6, 5.7))
+  ]
+  good += [_row("rl", 2, 0.97, 10.5), _row("rl", 5, 0.92, 5.6)]  # c=2: -19% at same acc
+  good += [_row("nocot", 1, 0.17, 0.0), _row("icot", 1, 0.30, 0.0), _row("coconut", 1, 0.12, 6)]
+  assert all(_targets(good).values()), _targets(good)
+
+  def with_colar(c, acc, n_lat):
+    return [r for r in good if (r["phase"], r["c"]) != ("colar", c)] + [
+      _row("colar", c, acc, n_lat)
+    ]
+
+  t = _targets(with_colar(3, 0.80, 8.7))  # the c=3 dip: below 90% and a rise 3 -> 4
+  assert not t["CoLaR c=3"] and not t["CoLaR accuracy vs c monotone within the CIs"]
+  assert t["CoLaR c=4"] and t["CoLaR c=1 within 3 points of CoT"]
+  t = _targets(with_colar(4, 0.93, 8.0))  # right, but 8 latents for ceil(26/4) = 7 (> 10%)
+  assert not t["CoLaR c=4"]
+  assert not _targets(with_colar(1, 0.95, 26.0))["CoLaR c=1 within 3 points of CoT"]
+  # GRPO: 12.0 vs 13.0 is -8% (not enough); +3 points at c=5 beyond the CIs counts instead.
+  rl = [r for r in good if r["phase"] != "rl"] + [_row("rl", 2, 0.97, 12.0)]
+  name = "GRPO: #L -15% at unchanged accuracy, or +3 points at the largest c"
+  assert not _targets(rl + [_row("rl", 5, 0.92, 5.6)])[name]
+  assert _targets(rl + [_row("rl", 5, 0.97, 5.6)])[name]
+  assert not _targets(rl + [_row("rl", 5, 0.94, 5.6)])[name]  # +2 points only
+  # Shorter but less accurate beyond the CIs does not count.
+  assert not _targets(rl[:-1] + [_row("rl", 2, 0.90, 10.0), _row("rl", 5, 0.92, 5.6)])[name]
+  base = "best latent baseline above No-CoT"
+  weak = [r for r in good if r["phase"] != "icot"] + [_row("icot", 1, 0.175, 0.0)]
+  assert (
+    not _targets(weak)[base]
+    and not _targets([r for r in good if r["phase"] != "cot"])["CoT accuracy"]
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -215,4 +286,54 @@ def test_smollm2_gsm8k_config_trains_and_evaluates(tmp_path, repo_root, smollm2_
   res = json.loads((wd / "eval" / "gsm8k_test.json").read_text())
   assert res["num_questions"] == 2
   m = res["factors"]["2"]
-  assert 0.0 <= m["accuracy"] <= 1.0 and 1 <= m["num_latent"] <= 6
+  assert 0.0 <= m["accuracy"] <= 1.0 and 1 <= m["num_latent"] <= 8  # rollout.max_latent_steps
+
+
+SMOL_QUICK_ROWS = {
+  ("base", 1),
+  ("cot", 1),
+  ("colar", 1),
+  ("colar", 2),
+  ("rl", 1),
+  ("rl", 2),
+  ("nocot", 1),
+  ("icot", 1),
+  ("coconut", 1),
+  ("distill", 1),
+}
+
+
+@pytest.mark.slow  # ~20 min on 2 shared CPU cores (BUILD_NOTES "SmolLM2-135M + GSM8k")
+def test_smollm2_quick_pipeline_on_real_weights(tmp_path, repo_root, smollm2_dir, shared_data):
+  """`demo --quick` of configs/smollm2_gsm8k.py: every phase trains on the real weights,
+  every method (and the base model) is evaluated on GSM8k test and the three transfer
+  sets, and each evaluation compiles at most one rollout program."""
+  if not (shared_data / "gsm8k" / "train.jsonl").is_file():
+    pytest.skip(f"no GSM8k at {shared_data / 'gsm8k'}")
+  root = tmp_path / "smol"
+  cmd = ["-m", "colar_jax", "demo", "--config=configs/smollm2_gsm8k.py", "--quick"]
+  cmd += [f"--workdir={root}", f"--jax_cache_dir={repo_root / '.cache' / 'jax_cache'}"]
+  cmd += ["--no_progress", f"--config.model.hf_dir={smollm2_dir}"]
+  r = subprocess.run(
+    [sys.executable, *cmd],
+    cwd=repo_root,
+    env=dict(_env(repo_root), COLAR_DATA=str(shared_data)),
+    capture_output=True,
+    text=True,
+    timeout=2400,
+  )
+  assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+  res = json.loads((root / "results.json").read_text())
+  assert {(x["phase"], x["c"]) for x in res["rows"]} == SMOL_QUICK_ROWS
+  assert res["num_test_questions"] == 4
+  assert sorted(res["transfer"]) == ["gsm_hard_test", "multiarith_test", "svamp_test"]
+  for rows in res["transfer"].values():
+    assert {(x["phase"], x["c"]) for x in rows} == SMOL_QUICK_ROWS
+  for phase in ("cot", "colar", "rl", "nocot", "icot", "coconut", "distill"):
+    assert res["compiles"][f"train_{phase}"]["compiles"] >= 1
+    # 4 datasets x 2 factors x seeds: one program (0 when an earlier phase's model has
+    # the same structure and rollout settings: No-CoT reuses CoT's).
+    assert res["compiles"][f"eval_{phase}"]["rollout_programs"] <= 1
+  assert res["compiles"]["eval_base"]["rollout_programs"] == 1
+  assert res["compiles"]["eval_cot"]["rollout_programs"] == 1
+  assert "gsm_hard_test:" in r.stdout and "XLA programs" in r.stdout

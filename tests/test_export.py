@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from colar_jax import cli, config
@@ -122,3 +123,61 @@ def test_lora_adapters_are_merged(tmp_path):
     theirs = hf(torch.from_numpy(ids).long()).logits.numpy()
   np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
   assert float(np.abs(ours).max()) > 0
+
+
+def test_peft_adapter_dir_equals_the_merged_export(tmp_path):
+  """``--peft``: the un-merged adapters under PEFT's names and shapes; merged by hand
+  (W + alpha/r * B @ A) they give the merged export's weights, and PEFT on top of the
+  exported base gives the merged export's logits."""
+  tok_dir = tmp_path / "tok"
+  prompts.train_char_tokenizer(["x=2;x*3?", "6"], tok_dir)
+  tok = prompts.load_tokenizer(str(tok_dir))
+  mc = ModelConfig(vocab_size=len(tok), lora_rank=4, lora_alpha=8.0, **ARCH)
+  model = CoLaRModel(mc, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(1)
+  state = nnx.state(model, nnx.LoRAParam)
+  nnx.update(
+    model, jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), state)
+  )
+  dst = tmp_path / "hf"
+  out = export.export_model(
+    model, str(dst), tokenizer_dir=str(tok_dir), info=dict(method="cot"), dtype="float32", peft=True
+  )
+  assert out["peft"] == ["adapter_config.json", "adapter_model.safetensors", "base/"]
+  conf = json.loads((dst / "peft" / "adapter_config.json").read_text())
+  assert conf["peft_type"] == "LORA" and conf["r"] == 4 and conf["lora_alpha"] == 8.0
+  assert conf["target_modules"] == ["q_proj", "v_proj"]  # the reference's LoRA targets
+  ad = load_file(str(dst / "peft" / "adapter_model.safetensors"))
+  merged = load_file(str(dst / "model.safetensors"))
+  base = load_file(str(dst / "peft" / "base" / "model.safetensors"))
+  # PEFT's naming: base_model.model.<HF module>.lora_{A,B}.weight, A [r, in], B [out, r].
+  want = {
+    f"base_model.model.model.layers.{i}.self_attn.{p}.lora_{ab}.weight"
+    for i in range(2)
+    for p in ("q_proj", "v_proj")
+    for ab in "AB"
+  }
+  assert set(ad) == want
+  q_out, v_out, hidden = 2 * 16, 1 * 16, 32
+  for i in range(2):
+    for p, n_out in (("q_proj", q_out), ("v_proj", v_out)):
+      pre = f"base_model.model.model.layers.{i}.self_attn.{p}"
+      a, b = ad[f"{pre}.lora_A.weight"], ad[f"{pre}.lora_B.weight"]
+      assert a.shape == (4, hidden) and b.shape == (n_out, 4)
+      w = f"model.layers.{i}.self_attn.{p}.weight"  # HF [out, in]
+      np.testing.assert_allclose(base[w] + 8.0 / 4 * b @ a, merged[w], atol=1e-5)
+      assert float(np.abs(merged[w] - base[w]).max()) > 1e-3  # the adapters do something
+  untouched = "model.layers.0.self_attn.k_proj.weight"
+  np.testing.assert_array_equal(base[untouched], merged[untouched])
+
+  peft = pytest.importorskip("peft")  # optional: not a dependency of the package
+  ids = torch.tensor([[1, 2, 3, 4, 5]])
+  hf_base = AutoModelForCausalLM.from_pretrained(
+    str(dst / "peft" / "base"), torch_dtype=torch.float32
+  )
+  with_adapter = peft.PeftModel.from_pretrained(hf_base, str(dst / "peft")).eval()
+  hf_merged = AutoModelForCausalLM.from_pretrained(str(dst), torch_dtype=torch.float32).eval()
+  with torch.no_grad():
+    a_logits = with_adapter(ids).logits.numpy()
+    m_logits = hf_merged(ids).logits.numpy()
+  np.testing.assert_allclose(a_logits, m_logits, atol=1e-4, rtol=0)

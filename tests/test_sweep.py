@@ -104,7 +104,8 @@ def test_collect_reads_eval_jsons(sweep, tmp_path, capsys):
     "num_latent": 4.0,
   }
   sweep.print_table(rows)
-  assert "001_b" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "001_b" in out and "75.0%" in out and "0.75" not in out
 
 
 # A stand-in trainer / evaluator: writes what the real ones write into --workdir

@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections as mlc
 from ml_collections import config_dict as mlc_cd
 
+from colar_jax import paths
 from colar_jax.config.schema import (
   LORA_PROJECTIONS,
   MODEL_PRESETS,
@@ -484,18 +485,15 @@ def upgrade_legacy(d: dict[str, Any]) -> dict[str, Any]:
 def save_json(c: mlc.ConfigDict | Run, path: str) -> None:
   """Writes a run config (validated; sorted keys, indent 2)."""
   run = c if isinstance(c, Run) else from_config_dict(c)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(to_dict(run), f, indent=2, sort_keys=True)
-    f.write("\n")
+  paths.makedirs(paths.parent(path))  # (a workdir may be gs://)
+  paths.write_text(path, json.dumps(to_dict(run), indent=2, sort_keys=True) + "\n")
 
 
 def load_json(path: str) -> mlc.ConfigDict:
   """Reads a saved run config (older versions upgraded), validated and locked."""
-  if not os.path.isfile(path):
+  if not paths.is_file(path):
     raise ConfigError(f"config: no such config file {path!r}")
-  with open(path) as f:
-    d = json.load(f)
+  d = json.loads(paths.read_text(path))
   try:
     c = to_config_dict(from_config_dict(upgrade_legacy(d)))
   except ConfigError as e:

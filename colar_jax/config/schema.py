@@ -273,6 +273,17 @@ class Train:
   keep_best: int = field(1, "Best checkpoints kept (by monitor).")
   monitor: str = field("val/accuracy", "Metric ranking checkpoints.")
   progress: bool = field(True, "Show a progress bar.")
+  wandb: bool = field(False, "Also log to Weights & Biases (needs `pip install wandb`).")
+  wandb_project: str = field("colar_jax", "W&B project.")
+  wandb_mode: str = field("offline", "W&B mode: offline (no network; wandb sync) or online.")
+
+  def __post_init__(self):
+    _check(
+      self.wandb_mode in ("offline", "online"),
+      "train.wandb_mode",
+      "must be 'offline' or 'online'",
+      self.wandb_mode,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

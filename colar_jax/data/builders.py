@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils.epath import Path  # keeps gs:// sources (pathlib would not)
 
 from colar_jax.data import parsers
 from colar_jax.data.records import Record
@@ -119,6 +120,24 @@ class _Base(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     meta["skipped_examples"] = [m for msgs in self._skipped.values() for m in msgs][
       :_MAX_SKIPPED_EXAMPLES
     ]
+    reasons: dict[str, int] = {}
+    for msgs in self._skipped.values():
+      for m in msgs:
+        reasons[skip_reason(m)] = reasons.get(skip_reason(m), 0) + 1
+    meta["skipped_reasons"] = reasons
+
+
+_WHERE = re.compile(r"^.*?:\d+: ")  # the ``file:line: `` a parser error starts with
+# What varies per record: (details), the value after "non-numeric <what>" or a last ": ".
+_VALUE = re.compile(r"\s*\([^)]*\)|: '.*'$")
+_NON_NUMERIC = re.compile(r"^(non-numeric \w+) .*$")
+
+
+def skip_reason(message: str) -> str:
+  """The kind of a parser error, without its place or values:
+  ``a.jsonl:3: non-numeric answer 'x'`` -> ``non-numeric answer``."""
+  kind = _VALUE.sub("", _WHERE.sub("", message, count=1))
+  return _NON_NUMERIC.sub(r"\1", kind).strip(" :") or message
 
 
 @dataclasses.dataclass(eq=False)

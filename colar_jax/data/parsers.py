@@ -22,8 +22,9 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
+
+from etils.epath import Path  # keeps gs:// sources (pathlib would not)
 
 from colar_jax.data.records import DataFormatError, Record
 
@@ -355,6 +356,9 @@ def read_math_tree(
 
   items = (
     (p.relative_to(split_dir.parent).as_posix(), lambda p=p: load(p))
-    for p in sorted(split_dir.rglob("*.json"))
+    # (epath's glob refuses ``**`` on object stores: a walk lists each dir once)
+    for p in sorted(
+      Path(d) / f for d, _, fs in Path(split_dir).walk() for f in fs if f.endswith(".json")
+    )
   )
   return _guard(items, skip_bad, skipped)

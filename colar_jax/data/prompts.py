@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -48,6 +49,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from colar_jax import config as cfglib
+from colar_jax import paths
 from colar_jax.data.records import Record
 
 log = logging.getLogger(__name__)
@@ -182,7 +184,7 @@ def load_tokenizer(path: str | Path, *, pad_as_eos: bool = False, pad_token: str
   """
   from transformers import AutoTokenizer  # noqa: PLC0415 (seconds to import: only when loading)
 
-  tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  tok = AutoTokenizer.from_pretrained(paths.local_copy(path), local_files_only=True)
   if tok.eos_token is None:
     raise ValueError(f"{path}: tokenizer has no EOS token; the answer part needs one")
   if tok.pad_token is None:
@@ -207,7 +209,11 @@ def train_char_tokenizer(
   Saved as a HF-loadable folder (tokenizer.json + tokenizer_config.json) so a run can
   keep it in its workdir and reload it with :func:`load_tokenizer`.
   """
-
+  if paths.is_url(out_dir):  # the tokenizers library writes local files only
+    with tempfile.TemporaryDirectory() as tmp:
+      train_char_tokenizer(texts, tmp, templates=templates)
+      paths.copy_dir(tmp, out_dir)
+    return load_tokenizer(out_dir)
   templates = templates or PromptTemplates()
   chars: set[str] = set("0123456789auto")
   for text in texts:

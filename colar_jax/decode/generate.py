@@ -74,6 +74,29 @@ def method_rollout_config(
   return base.replace(**methods.get(method).rollout_overrides(run, proj))
 
 
+def batch_buckets(batch_size: int, n_devices: int = 1, choices: int = 4) -> tuple[int, ...]:
+  """The batch shapes a decoder of at most ``batch_size`` rows per call compiles for:
+  ``batch_size`` and its halvings, at most ``choices`` of them; when ``batch_size``
+  splits over ``n_devices``, each is rounded up to a multiple of it (so every batch
+  still splits over the devices).
+
+  A short call (the last batch, or 20 questions at ``eval_batch_size=64``) pads to the
+  smallest of them that holds it, instead of to ``batch_size``: at most ``choices``
+  programs, and little work wasted on padding rows.
+  """
+  if batch_size < 1 or n_devices < 1 or choices < 1:
+    raise ValueError(f"need batch_size, n_devices, choices >= 1: {batch_size, n_devices, choices}")
+  unit = n_devices if batch_size % n_devices == 0 else 1
+  out = set()
+  b = int(batch_size)
+  for _ in range(choices):
+    out.add(-(-b // unit) * unit)
+    if b == 1:
+      break
+    b = -(-b // 2)
+  return tuple(sorted(out))
+
+
 def make_generate_fn(
   model: Any,
   tokenizer: Any,
@@ -84,19 +107,25 @@ def make_generate_fn(
   run: Any,
   templates: prompts.PromptTemplates | None = None,
   buckets: prompts.Buckets | None = None,
+  bucket_choices: int = 1,
+  fixed_prompt_length: bool = False,
 ) -> GenerateFn:
   """A GenerateFn decoding with the jitted rollout.
 
-  The model is split ONCE here. Batches are padded to exactly ``batch_size`` rows (so
-  the last, short batch reuses the same program) and prompts to the data buckets;
-  dataset indices are the RNG row ids, so a question's sample does not depend on the
-  batch it lands in.
+  The model is split ONCE here. A call's rows are padded to the smallest of
+  :func:`batch_buckets` ``(batch_size, devices, bucket_choices)`` that holds them (the
+  default, 1: always ``batch_size``, so the last, short batch reuses the same program),
+  and prompts to the data's question buckets, or always to the largest with
+  ``fixed_prompt_length`` (one program for every dataset and question; the thinking
+  speed c is prompt text, so it never recompiles either). Dataset indices are the RNG
+  row ids, so a question's sample does not depend on the batch it lands in.
   """
   spec = methods.get(method).prompt
   templates = templates or prompts.PromptTemplates()
   buckets = buckets or prompts.Buckets()
   cfg = method_rollout_config(rollout_cfg, method, run, getattr(model, "cfg", None))
   graphdef, state = nnx.split(model)
+  shapes = batch_buckets(batch_size, jax.device_count(), bucket_choices)
   answer_prefix = templates.answer_prefix.strip()
 
   def is_answer(rest: Sequence[int]) -> bool:  # the text after a lone separator
@@ -113,6 +142,7 @@ def make_generate_fn(
       spec.speed_for(factor),
       buckets,
       append_separator=spec.separator,
+      fixed_shapes=fixed_prompt_length,
     )
     out = rollout(
       graphdef,
@@ -122,7 +152,7 @@ def make_generate_fn(
       jax.random.key(seed),
       cfg,
       row_ids=np.asarray(indices, np.int32),
-      batch_buckets=(batch_size,),
+      batch_buckets=shapes,
     )
     ids, mask, n_lat = jax.device_get((out.answer_ids, out.answer_mask, out.num_latents))
     gens = []

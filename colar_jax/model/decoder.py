@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 
 # The seven projections of a block (HF module names) and the reference's LoRA targets
@@ -147,8 +147,8 @@ class ModelConfig:
 
   @classmethod
   def from_hf_dir(cls, path: str, **overrides) -> ModelConfig:
-    with open(os.path.join(path, "config.json")) as f:
-      return cls.from_hf_dict(json.load(f), **overrides)
+    text = epath.Path(path, "config.json").read_text()  # a local dir or gs://
+    return cls.from_hf_dict(json.loads(text), **overrides)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """Inverse of ``from_hf_dict`` (for ``orbax-to-hf`` export)."""

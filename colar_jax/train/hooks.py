@@ -26,7 +26,7 @@ from colar_jax.decode.generate import answer_all, make_generate_fn
 from colar_jax.decode.rollout import RolloutConfig
 from colar_jax.train import state as ts
 from colar_jax.train import workdir as workdir_lib
-from colar_jax.train.logs import MetricWriter
+from colar_jax.train.logs import MetricWriter, format_metrics
 from colar_jax.train.run import Data, RunSetup, model_config, resolve_embed_std
 from colar_jax.weights import checkpoints
 
@@ -57,7 +57,7 @@ class Hooks:
   def record_val(self, step: int, val: dict[str, float]) -> None:
     self.writer.write_lines([dict(val, kind="val", step=step)])
     self.writer.scalars(step, val)
-    logging.info("step %d: %s", step, val)
+    logging.info("step %d: %s", step, format_metrics(val))
 
   def save(
     self, step: int, state: ts.TrainState, it: Any, metrics: dict[str, float] | None
@@ -152,7 +152,6 @@ def start(s: RunSetup, workdir: str, tx: Any, shardings: ts.TrainState, **meta: 
     if latest is None:
       embed_std = resolve_embed_std(run, s.model)
       state = ts.init_train_state(s.params, tx, int(run.seed), shardings)
-      writer.truncate_after(0)
     else:
       params, t, data_state, saved = restored
       state = ts.TrainState(
@@ -163,8 +162,8 @@ def start(s: RunSetup, workdir: str, tx: Any, shardings: ts.TrainState, **meta: 
         nonfinite_step=t["nonfinite_step"],
       )
       embed_std = float(saved["embed_std"])
-      writer.truncate_after(latest)
       logging.info("resumed from %s/%d", ckpt.directory, latest)
+    writer.start(latest, cfglib.to_dict(run), run.train)
     if jax.process_index() == 0:
       path = os.path.join(workdir, checkpoints.CONFIG_FILE)
       with checkpoints.writing(path):

@@ -16,10 +16,11 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from colar_jax import config as cfglib
-from colar_jax import methods
+from colar_jax import methods, paths
 from colar_jax.data import builders, pipeline, prompts
 from colar_jax.data.records import Record
 from colar_jax.decode.rollout import RolloutConfig
@@ -27,6 +28,7 @@ from colar_jax.methods.base import EncodeContext, Method, MethodEncoder
 from colar_jax.model import CoLaRModel, LatentHead, LatentProjection, ModelConfig
 from colar_jax.model import sharding as shd
 from colar_jax.train import state as ts
+from colar_jax.train import workdir as workdir_lib
 from colar_jax.weights import checkpoints, convert, export
 
 # ----------------------------------------------------------------------------
@@ -91,10 +93,10 @@ def build_model(run: cfglib.Run, mesh: Mesh, rules: Any) -> tuple[CoLaRModel, di
   if run.init_from:
     model, meta = load_model(run.init_from, mesh, rules, target=run)
     return model, dict(
-      kind="run", path=os.path.abspath(run.init_from), checkpoint=meta["checkpoint"]
+      kind="run", path=paths.absolute(run.init_from), checkpoint=meta["checkpoint"]
     )
   if run.model.hf_dir:
-    return _from_hf_dir(run, mesh, rules), dict(kind="hf", path=os.path.abspath(run.model.hf_dir))
+    return _from_hf_dir(run, mesh, rules), dict(kind="hf", path=paths.absolute(run.model.hf_dir))
   mc = model_config(run)
   model = shd.create_sharded(lambda: CoLaRModel(mc, rngs=nnx.Rngs(int(run.seed))), mesh, rules)
   return model, dict(kind="random", seed=int(run.seed))
@@ -121,7 +123,8 @@ def load_model(
     meta = checkpoints.read_step_meta(step_dir)
     key = json.dumps([meta["config"], meta.get("base")], sort_keys=True, default=str)
     if key not in built:  # the base of this step's config (one build unless it changed)
-      src_run = run_of_meta(meta)
+      # Its upstream run / converted weights where the run's pointers find them now.
+      src_run, _ = relocated(run_of_meta(meta), meta, workdir_of(step_dir), always=True)
       base, _ = build_model(src_run, mesh, rules)
       lora = model_config(src_run).lora_rank > 0
       _, p_state, _ = nnx.split(base, ts.trainable_filter(lora), ...)
@@ -139,13 +142,131 @@ def load_model(
 
   # The newest step whose meta and params read (an older one with a warning).
   _, (base, meta) = checkpoints.readable(path, read)
-  meta = dict(meta, newest=checkpoints.step_dirs(path)[0])
+  meta = dict(meta, newest=checkpoints.step_dirs(path)[0], tokenizer_dir=tokenizer_dir_of(meta))
   if target is None:
     return base, meta
   mc = model_config(target)
   model = shd.create_sharded(lambda: CoLaRModel(mc, rngs=nnx.Rngs(int(target.seed))), mesh, rules)
   checkpoints.transplant(model, nnx.to_pure_dict(nnx.state(base)), path, complete=True)
   return model, meta
+
+
+# ----------------------------------------------------------------------------
+# Movable runs: pointers to the upstream run, the converted weights and the tokenizer
+# ----------------------------------------------------------------------------
+# A checkpoint's ``meta.base`` holds, beside the absolute ``path`` (and ``checkpoint``:
+# the upstream step dir of ``init_from``), ``rel``: the same target relative to the
+# run's workdir, and ``fingerprint`` (``paths.fingerprint``); ``meta.base.tokenizer``
+# the same (no fingerprint) for the tokenizer dir. A moved or copied run finds its
+# targets at ``rel`` (the run tree moved as a whole) or still at ``path`` (only the run
+# moved). ``meta.tokenizer_dir`` and ``base.path`` keep their old meaning.
+_POINTED = {
+  "run": ("init_from", "the upstream run's checkpoint"),
+  "hf": ("model.hf_dir", "the converted base weights"),
+}
+
+
+def workdir_of(step_dir: str) -> str:
+  """The workdir of ``<workdir>/checkpoints/<step>``."""
+  return paths.parent(paths.parent(step_dir))
+
+
+def with_pointers(base: dict[str, Any], workdir: str, tokenizer_dir: str) -> dict[str, Any]:
+  """``base`` (build_model's pointer) with the pointers that find its target and the
+  tokenizer again after a move."""
+  out = dict(base)
+  if base["kind"] in _POINTED:
+    target = base.get("checkpoint") or base["path"]
+    out.update(paths.pointer(target, workdir), path=base["path"])
+  # No fingerprint: a damaged tokenizer is named by its loader (a changed one shows).
+  out["tokenizer"] = paths.pointer(tokenizer_dir, workdir, fingerprinted=False)
+  return out
+
+
+def locate(ptr: dict[str, Any], workdir: str, key: str, what: str, target: str) -> str:
+  """Where ``ptr`` (see :func:`with_pointers`) finds ``target`` now: relative to the
+  run first, then its old absolute place, each only with the recorded fingerprint. One
+  ConfigError line naming the missing path and the key otherwise."""
+  places = [target]
+  if ptr.get("rel") is not None:
+    places.insert(0, paths.resolve_relative(ptr["rel"], workdir))
+  places = list(dict.fromkeys(places))
+  want, other = ptr.get("fingerprint"), None
+  for p in places:
+    if paths.exists(p):
+      if want is None or paths.fingerprint(p) == want:
+        return p
+      other = other or p
+  if other is not None:
+    raise cfglib.ConfigError(
+      f"config.{key}: {what} of {workdir} at {other} is not the one it was trained with "
+      f"(fingerprint {paths.fingerprint(other)}, recorded {want}); put the original back"
+    )
+  where = " nor ".join(places)
+  raise cfglib.ConfigError(
+    f"config.{key}: {what} of {workdir} is missing: not at {where}; copy it to "
+    f"{places[0]} (the place the run records relative to itself)"
+  )
+
+
+def relocated(
+  run: cfglib.Run, meta: dict[str, Any], workdir: str, *, always: bool
+) -> tuple[cfglib.Run, list[str]]:
+  """``run`` (a checkpoint's config) with ``init_from`` / ``model.hf_dir`` where the
+  checkpoint's pointers find them now, and the keys that moved. ``always``: also when
+  the configured path exists (loading rebuilds exactly the recorded upstream step);
+  else (a resume) only a path that is gone is replaced. Runs saved before the pointers
+  keep their config."""
+  base = meta.get("base") or {}
+  kind, moved = base.get("kind"), []
+  if kind not in _POINTED or "fingerprint" not in base:
+    return run, moved
+  key, what = _POINTED[kind]
+  current = run.init_from if kind == "run" else run.model.hf_dir
+  if not always and current and paths.exists(current):
+    return run, moved
+  target = base.get("checkpoint") or base["path"]
+  found = locate(base, workdir, key, what, target)
+  if found != target:
+    moved.append(key)
+  if kind == "run":
+    return dataclasses.replace(run, init_from=found), moved
+  return dataclasses.replace(run, model=dataclasses.replace(run.model, hf_dir=found)), moved
+
+
+def tokenizer_dir_of(meta: dict[str, Any]) -> str:
+  """The tokenizer dir of a checkpoint's meta (with ``checkpoint``: its step dir), found
+  through its pointer when the run has moved."""
+  ptr = (meta.get("base") or {}).get("tokenizer")
+  if not ptr or "checkpoint" not in meta:
+    return meta["tokenizer_dir"]
+  return locate(
+    ptr, workdir_of(meta["checkpoint"]), "data.tokenizer", "the tokenizer", meta["tokenizer_dir"]
+  )
+
+
+def relocate(run: cfglib.Run, workdir: str) -> cfglib.Run:
+  """A resume of a moved run: ``init_from`` / ``model.hf_dir`` / ``data.tokenizer`` that
+  no longer exist are pointed at where the newest checkpoint's pointers find the same
+  content (fingerprint checked), and the drift check is told they moved. A fresh
+  workdir, or paths that exist: ``run`` unchanged."""
+  if checkpoints.last_complete_step(workdir) is None:
+    return run
+  try:
+    meta = checkpoints.read_meta(workdir)
+  except (FileNotFoundError, checkpoints.RunFileError):  # resuming says what is wrong
+    return run
+  run, moved = relocated(run, meta, paths.absolute(workdir), always=False)
+  tok = run.data.tokenizer
+  if tok and not paths.exists(tok) and (meta.get("base") or {}).get("tokenizer"):
+    run = dataclasses.replace(
+      run, data=dataclasses.replace(run.data, tokenizer=tokenizer_dir_of(meta))
+    )
+    moved.append("data.tokenizer")
+  for key in moved:
+    logging.info("config.%s: the run's recorded content was found at its new place", key)
+  workdir_lib.note_moved(workdir, moved)
+  return run
 
 
 def resolve_embed_std(run: cfglib.Run, model: Any) -> float:
@@ -190,17 +311,13 @@ class Data:
 
 def check_source(path: str, key: str) -> None:
   """A source folder (or file) exists and is not empty (one line naming it)."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise cfglib.ConfigError(f"{key}: {path} does not exist")
-  files = (
-    [path]
-    if os.path.isfile(path)
-    else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in sorted(fs)]
-  )
+  files = [path] if paths.is_file(path) else [f for _, f in paths.walk_files(path)]
   if not files:
     raise cfglib.ConfigError(f"{key}: {path} is an empty directory (no source files)")
   for f in files:
-    if os.path.getsize(f) == 0 and f.endswith((".json", ".jsonl", ".txt")):
+    if paths.path(f).stat().length == 0 and f.endswith((".json", ".jsonl", ".txt")):
       raise cfglib.ConfigError(f"{key}: source file {f} is empty")
 
 
@@ -236,9 +353,9 @@ def check_inputs(run: cfglib.Run) -> None:
       "synthetic", ("train", "val", "test"), run.data.train_split, "config.data.train_split"
     )
   for key, path in (("model.hf_dir", run.model.hf_dir), ("data.tokenizer", run.data.tokenizer)):
-    if path and not os.path.isdir(path):
+    if path and not paths.is_dir(path):
       raise cfglib.ConfigError(f"config.{key}: {path} is not a directory")
-  if run.model.hf_dir and not os.path.isfile(os.path.join(run.model.hf_dir, "config.json")):
+  if run.model.hf_dir and not paths.is_file(paths.join(run.model.hf_dir, "config.json")):
     raise cfglib.ConfigError(
       f"config.model.hf_dir: {run.model.hf_dir} has no config.json (expected a directory "
       "written by `convert hf-to-orbax`)"
@@ -255,7 +372,7 @@ def check_inputs(run: cfglib.Run) -> None:
 
 
 def data_dir_of(run: cfglib.Run, workdir: str) -> str:
-  return run.data.data_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
+  return run.data.data_dir or paths.join(paths.parent(workdir), "data")
 
 
 def tokenizer_for(
@@ -265,27 +382,28 @@ def tokenizer_for(
   char tokenizer trained once and kept in ``<workdir>/tokenizer``."""
   path = run.data.tokenizer or run.model.hf_dir
   if not path and run.init_from:
-    path = checkpoints.read_meta(run.init_from)["tokenizer_dir"]
+    path = tokenizer_dir_of(checkpoints.read_meta(run.init_from))
   if path:
-    return (load_tokenizer(path, pad_as_eos=bool(run.model.hf_dir)), os.path.abspath(path))
-  out = os.path.join(workdir, "tokenizer")
-  if os.path.exists(os.path.join(out, "tokenizer.json")):
+    return (load_tokenizer(path, pad_as_eos=bool(run.model.hf_dir)), paths.absolute(path))
+  out = paths.join(workdir, "tokenizer")
+  if paths.exists(paths.join(out, "tokenizer.json")):
     return load_tokenizer(out), out
   recs = (Record.from_example(train_source[i]) for i in range(len(train_source)))
   if jax.process_index() == 0:
     with checkpoints.writing(os.path.join(out, "tokenizer.json")):
       prompts.train_char_tokenizer(prompts.char_tokenizer_corpus(recs), out, templates=templates)
+  if jax.process_count() > 1:  # the other hosts read it once process 0 has written it
+    multihost_utils.sync_global_devices("colar_jax: char tokenizer written")
   return load_tokenizer(out), out
 
 
 def check_tokenizer(path: str) -> None:
   """The tokenizer dir exists and its ``tokenizer.json`` (if any) parses (one line)."""
-  file = os.path.join(path, "tokenizer.json")
-  if not os.path.isdir(path):
+  file = paths.join(path, "tokenizer.json")
+  if not paths.is_dir(path):
     raise checkpoints.RunFileError(f"tokenizer dir {path} does not exist")
   try:
-    with open(file) as f:
-      json.load(f)
+    json.loads(paths.read_text(file))
   except FileNotFoundError:
     pass  # a slow-tokenizer dir (vocab files only): transformers reads it
   except (OSError, ValueError) as e:
@@ -398,6 +516,7 @@ def setup(run: cfglib.Run, workdir: str, **data_kw: Any) -> RunSetup:
     **{"data.batch_size": run.data.batch_size, "data.eval_batch_size": run.data.eval_batch_size},
   )
   model, base = build_model(run, mesh, rules)
+  base = with_pointers(base, workdir, data.tokenizer_dir)
   lora = model_config(run).lora_rank > 0
   graphdef, p_state, frozen = nnx.split(model, ts.trainable_filter(lora), ...)
   p_shard = ts.param_shardings(p_state, mesh, rules)
@@ -514,7 +633,7 @@ def load_export(path: str, mesh: Mesh | None = None) -> LoadedRun:
     checkpoints.transplant(model.latent_proj, heads["latent_proj"], path, complete=True)
   tok = prompts.load_tokenizer(path, pad_as_eos=bool(info["pad_as_eos"]))
   meta = dict(
-    checkpoint=os.path.abspath(path),
+    checkpoint=paths.absolute(path),
     step=info.get("step"),
     tokenizer_dir=path,
     embed_std=info["embed_std"],
@@ -526,12 +645,49 @@ def load_export(path: str, mesh: Mesh | None = None) -> LoadedRun:
   )
 
 
+def is_converted_dir(path: str) -> bool:
+  """A ``convert hf-to-orbax`` output (config.json + params/), not a run or an export."""
+  return (
+    paths.is_file(paths.join(path, "config.json"))
+    and paths.is_dir(paths.join(path, convert.PARAMS_DIR))
+    and not export.is_export(path)
+  )
+
+
+def load_converted(path: str, run: cfglib.Run, mesh: Mesh | None = None) -> LoadedRun:
+  """The BASE model of a converted dir (no training run), for a token method's plain
+  decoding (the zero-shot row): ``run``'s numerics, templates and rollout, no LoRA
+  adapters, the dir's tokenizer and ``embed_std``. Latent methods need a trained latent
+  head: a ConfigError says so."""
+  if methods.get(run.method).latent_mode != "none":
+    raise cfglib.ConfigError(
+      f"config: {path} is a converted base model (no training run): it decodes with a "
+      f"token method only (--method cot or nocot), not {run.method!r}, whose latent head "
+      "would be untrained"
+    )
+  m = dataclasses.replace(run.model, hf_dir=os.path.abspath(path), lora_rank=0)
+  run = dataclasses.replace(run, model=m, init_from="")
+  mesh = mesh or shd.make_mesh()
+  model = _from_hf_dir(run, mesh, shd.logical_rules(run.sharding))
+  tok = load_tokenizer(path, pad_as_eos=True)
+  std = resolve_embed_std(run, model)
+  meta = dict(
+    checkpoint=os.path.abspath(path),
+    step=None,
+    tokenizer_dir=os.path.abspath(path),
+    embed_std=std,
+    base=dict(kind="hf", path=os.path.abspath(path)),
+  )
+  logging.info("loaded the converted base model %s", path)
+  return LoadedRun(model=model, tokenizer=tok, run=run, embed_std=std, meta=meta)
+
+
 def setup_compile_cache(path: str) -> None:
   """Persistent compilation cache (re-compiles drop from seconds to ~1 s on CPU)."""
   if path:
-    path = os.path.expanduser(path)
+    path = paths.absolute(path)
     try:
-      os.makedirs(path, exist_ok=True)
+      paths.makedirs(path)
     except OSError as e:  # a read-only home: compile every time, but run
       logging.warning("no compilation cache: cannot create %s (%s)", path, e.strerror)
       return

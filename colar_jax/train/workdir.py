@@ -6,7 +6,11 @@ compared with the one the run started with. Both trainers run inside :func:`clai
   ``train.lock.json``. A second trainer on the same workdir fails in one line naming the
   holder. ``flock`` dies with its process, so a lock left by a killed trainer is free;
   its stale ``train.lock.json`` is taken over with one line. Only process 0 of a
-  multi-process job locks (the others share its filesystem).
+  multi-process job locks (the others share its filesystem). A ``gs://`` (or other URL)
+  workdir cannot be locked (object stores have no ``flock``): it runs unlocked, with one
+  warning; the pod launcher starts one trainer per workdir.
+* Paths: the workdir goes through :mod:`colar_jax.paths` (``etils.epath``), so
+  ``gs://bucket/run`` stays a URL.
 * Config drift: a workdir that holds a checkpoint is a resume, and the new config is
   compared with its ``config.json``. Changed keys of :data:`SAFE_TO_CHANGE` are listed
   in one INFO line; any other change fails in one line naming the keys unless
@@ -34,6 +38,7 @@ import filelock
 import jax
 
 from colar_jax import config as cfglib
+from colar_jax import paths
 from colar_jax.weights import checkpoints
 
 LOCK_FILE = "train.lock"
@@ -56,6 +61,9 @@ SAFE_TO_CHANGE = (
   "train.eval_examples",
   "train.ckpt_every",
   "train.progress",
+  "train.wandb",
+  "train.wandb_project",
+  "train.wandb_mode",
   "train.keep_last",
   "train.keep_best",
   "data.data_dir",
@@ -84,8 +92,7 @@ def _alive(pid: int) -> bool:
 
 def _read_json(path: str) -> dict[str, Any]:
   try:
-    with open(path) as f:
-      d = json.load(f)
+    d = json.loads(paths.read_text(path))
   except (OSError, ValueError):
     return {}
   return d if isinstance(d, dict) else {}
@@ -173,10 +180,9 @@ def config_changes(old: cfglib.Run, new: cfglib.Run) -> dict[str, tuple[Any, Any
 def saved_config(workdir: str) -> cfglib.Run | None:
   """The config a run was last started with: ``config.json``, else (unreadable) the
   newest readable checkpoint's."""
-  path = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  path = paths.join(workdir, checkpoints.CONFIG_FILE)
   try:
-    with open(path) as f:
-      return cfglib.from_config_dict(cfglib.upgrade_legacy(json.load(f)))
+    return cfglib.from_config_dict(cfglib.upgrade_legacy(json.loads(paths.read_text(path))))
   except FileNotFoundError:
     pass
   except (OSError, ValueError) as e:  # ConfigError too: not a config of this schema
@@ -208,6 +214,7 @@ def check_drift(
 ) -> dict[str, tuple[Any, Any]]:
   """Compares ``run`` with the config a resumed workdir was started with; returns the
   changes (see the module docstring)."""
+  moved = _moved.pop(paths.absolute(workdir), set())
   last = checkpoints.last_complete_step(workdir)
   if last is None:  # nothing to resume: a fresh start may use any config
     return {}
@@ -217,6 +224,9 @@ def check_drift(
   changes = config_changes(saved, run)
   if not run.model.hf_dir:  # set from the char tokenizer by setup (checked by shape later)
     changes.pop("model.arch.vocab_size", None)
+  for key in moved:  # the same weights at a new place (train.run.relocate)
+    if key in changes:
+      logging.info("config.%s: %s moved to %s", key, *changes.pop(key))
   if not changes:
     return {}
   safe = {k: v for k, v in changes.items() if is_safe(k, extra_safe)}
@@ -245,17 +255,25 @@ def check_drift(
 
 
 _pending: dict[str, dict[str, Any]] = {}  # workdir -> the changes of the resume under way
+_moved: dict[str, set[str]] = {}  # workdir -> keys whose target moved (same fingerprint)
+
+
+def note_moved(workdir: str, keys: Sequence[str]) -> None:
+  """Config keys (``init_from``, ``model.hf_dir``, ``data.tokenizer``) that ``train.run``
+  pointed at the moved copy of the same content (fingerprint checked): not a change for
+  the drift check of ``workdir``."""
+  _moved[paths.absolute(workdir)] = set(keys)
 
 
 def record_changes(workdir: str) -> None:
   """Appends the checked changes of this resume to ``config_changes.jsonl``; called once
   the run has started on the new config (``hooks.start``, with ``config.json``)."""
-  entry = _pending.pop(os.path.abspath(workdir), None)
+  entry = _pending.pop(paths.absolute(workdir), None)
   if entry is None or jax.process_index() != 0:
     return
-  path = os.path.join(workdir, CHANGES_FILE)
-  with checkpoints.writing(path), open(path, "a") as f:
-    f.write(json.dumps(entry, default=str) + "\n")
+  path = paths.join(workdir, CHANGES_FILE)
+  with checkpoints.writing(path):
+    paths.append_line(path, json.dumps(entry, default=str))
   if entry["allowed"]:
     logging.info("recorded the changed config in %s", path)
 
@@ -271,11 +289,16 @@ def claim(
   """Creates, locks and drift-checks ``workdir`` for one training run; yields its
   absolute path and releases the lock on every way out. A failed write inside becomes
   one WriteError line."""
-  path = os.path.abspath(workdir)
+  path = paths.absolute(workdir)
   lock = None
   try:
-    os.makedirs(path, exist_ok=True)
-    if jax.process_index() == 0:
+    paths.makedirs(path)
+    if jax.process_index() == 0 and paths.is_url(path):
+      logging.warning(
+        "workdir %s is not on a local filesystem: it is not locked against a second trainer",
+        path,
+      )
+    elif jax.process_index() == 0:
       held = WorkdirLock(path)
       held.acquire()
       lock = held

@@ -50,6 +50,7 @@ from flax import nnx, traverse_util
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from colar_jax import config as cfglib
+from colar_jax import paths
 
 ITEMS = ("params", "train", "data", "meta")
 CKPT_SUBDIR = "checkpoints"
@@ -118,18 +119,15 @@ def complete_steps(root: str) -> list[int]:
   """Steps of the finalized step dirs under a ``checkpoints/`` dir, newest first. Orbax
   writes into ``<step>.orbax-checkpoint-tmp*`` and renames when complete, so a plain
   ``<step>`` dir is complete (moved-aside ``<step>.unreadable-*`` dirs are not steps)."""
-  try:
-    names = os.listdir(root)
-  except OSError:
-    return []
-  steps = [int(n) for n in names if re.fullmatch(r"\d+", n) and os.path.isdir(f"{root}/{n}")]
+  names = paths.listdir(root)
+  steps = [int(n) for n in names if re.fullmatch(r"\d+", n) and paths.is_dir(f"{root}/{n}")]
   return sorted(steps, reverse=True)
 
 
 def last_complete_step(workdir: str) -> int | None:
   """The newest complete step of a workdir (or a ``checkpoints/`` dir), None if none."""
-  root = os.path.join(workdir, CKPT_SUBDIR)
-  steps = complete_steps(root if os.path.isdir(root) else workdir)
+  root = paths.join(workdir, CKPT_SUBDIR)
+  steps = complete_steps(root if paths.is_dir(root) else workdir)
   return steps[0] if steps else None
 
 
@@ -218,7 +216,7 @@ class Checkpointer:
   def __init__(
     self, directory: str, *, keep_last: int, keep_best: int, monitor: str, async_save: bool = True
   ) -> None:
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     self.monitor = monitor
     policies: list[Any] = [ocm.LatestN(n=max(1, int(keep_last)))]
     if int(keep_best) > 0:
@@ -327,10 +325,10 @@ class Checkpointer:
     src = self.step_dir(step)
     dst = src + UNREADABLE_TAG + time.strftime("%Y%m%dT%H%M%S")
     n = 1
-    while os.path.exists(dst):
+    while paths.exists(dst):
       dst, n = f"{src}{UNREADABLE_TAG}{time.strftime('%Y%m%dT%H%M%S')}.{n}", n + 1
     try:
-      os.rename(src, dst)
+      paths.path(src).rename(dst)
     except OSError as e:
       err = write_error(e, self.directory, path=src)
       if err is None:
@@ -442,7 +440,7 @@ class _NeverRetrieved(logging.Filter):
 
 def _tree_metadata(item_dir: str) -> Any:
   """The array tree metadata (paths, shapes) of a StandardSave item."""
-  if not os.path.isdir(item_dir):
+  if not paths.is_dir(item_dir):
     raise FileNotFoundError(f"no {os.path.basename(item_dir)}/ item")
   reader = ocp.StandardCheckpointer()
   try:
@@ -454,19 +452,19 @@ def _tree_metadata(item_dir: str) -> Any:
 
 def step_dirs(path: str) -> list[str]:
   """The step dirs of a workdir, a ``checkpoints/`` dir (newest first) or one step dir."""
-  path = os.path.abspath(path)
-  is_step = re.fullmatch(r"\d+", os.path.basename(path)) and os.path.isdir(path)
-  if is_step and not os.path.isdir(os.path.join(path, CKPT_SUBDIR)):  # not a workdir "3"
+  path = paths.absolute(path)
+  is_step = re.fullmatch(r"\d+", os.path.basename(path)) and paths.is_dir(path)
+  if is_step and not paths.is_dir(paths.join(path, CKPT_SUBDIR)):  # not a workdir "3"
     return [path]
   root = path
-  if os.path.isdir(os.path.join(path, CKPT_SUBDIR)):
-    root = os.path.join(path, CKPT_SUBDIR)
+  if paths.is_dir(paths.join(path, CKPT_SUBDIR)):
+    root = paths.join(path, CKPT_SUBDIR)
   steps = complete_steps(root)
   if not steps:
     raise FileNotFoundError(
       f"{path}: no complete checkpoint (expected a workdir, its {CKPT_SUBDIR}/ dir or a step dir)"
     )
-  return [os.path.join(root, str(s)) for s in steps]
+  return [paths.join(root, str(s)) for s in steps]
 
 
 def resolve(path: str) -> tuple[str, int]:
@@ -475,7 +473,7 @@ def resolve(path: str) -> tuple[str, int]:
   A workdir / manager dir resolves to its newest step that has a ``meta/`` item.
   """
   dirs = step_dirs(path)
-  ok = [d for d in dirs if os.path.isdir(os.path.join(d, "meta"))] or dirs[:1]
+  ok = [d for d in dirs if paths.is_dir(paths.join(d, "meta"))] or dirs[:1]
   return os.path.dirname(ok[0]), int(os.path.basename(ok[0]))
 
 
@@ -488,7 +486,7 @@ def _reader(root: str) -> ocp.CheckpointManager:
 def _restore_item(step_dir: str, item: str, restore_args: Any) -> Any:
   root, step = os.path.dirname(step_dir), int(os.path.basename(step_dir))
   with _reading(step_dir):
-    if not os.path.isdir(os.path.join(step_dir, item)):
+    if not paths.is_dir(paths.join(step_dir, item)):
       raise FileNotFoundError(f"no {item}/ item")
     mgr = _reader(root)
     try:

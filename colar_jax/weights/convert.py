@@ -56,6 +56,7 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors.numpy import save_file
 
 from colar_jax import config as cfglib
+from colar_jax import paths
 from colar_jax.model import Decoder, ModelConfig
 from colar_jax.model import sharding as shd
 from colar_jax.weights.readers import GGUFSource, TensorSource, copy_tokenizer_files, open_source
@@ -231,11 +232,10 @@ def compute_embed_std(decoder: Decoder) -> float:
 
 def read_embed_std(path: str) -> float | None:
   """``embed_std`` of a converted dir, or None if it has no embed_std.json."""
-  p = os.path.join(path, EMBED_STD_FILE)
-  if not os.path.isfile(p):
+  p = paths.join(path, EMBED_STD_FILE)
+  if not paths.is_file(p):
     return None
-  with open(p) as f:
-    return float(json.load(f)["embed_std"])
+  return float(json.loads(paths.read_text(p))["embed_std"])
 
 
 def _write_hf_config(cfg: ModelConfig, dst: str, dtype: Any) -> None:
@@ -289,7 +289,7 @@ def load_orbax_dir(
   ``cfg_overrides`` are ModelConfig fields (dtypes, lora_rank, remat ...);
   the stored arrays are cast to ``param_dtype`` on restore.
   """
-  path = os.path.abspath(path)
+  path = paths.absolute(path)
   cfg = ModelConfig.from_hf_dir(path, **cfg_overrides)
   graphdef, abs_state, shapes, shards = _abstract(cfg, mesh, rules)
   params = os.path.join(path, PARAMS_DIR)

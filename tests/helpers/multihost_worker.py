@@ -81,5 +81,35 @@ def main() -> None:
     print("LOSSES " + json.dumps(losses), flush=True)
 
 
+def sft_main() -> None:
+  """``sft NPROC PID PORT WORKDIR DATA_DIR``: the real trainer (``python -m colar_jax
+  sft``, checkpoints in the shared WORKDIR) as process PID of NPROC; the env's
+  ``COLAR_DEBUG_KILL_AT_STEP`` SIGKILLs it mid-run."""
+  from helpers import tiny_run  # noqa: PLC0415 (tests/ is on the path only here)
+
+  from colar_jax import cli  # noqa: PLC0415 (after the collectives are set)
+
+  nproc, pid, port, workdir, data_dir = sys.argv[2:7]
+  dist = (
+    [
+      "--config.distributed.initialize=true",
+      f"--config.distributed.coordinator_address=localhost:{port}",
+      f"--config.distributed.num_processes={nproc}",
+      f"--config.distributed.process_id={pid}",
+    ]
+    if int(nproc) > 1
+    else ["--config.distributed.initialize=false"]
+  )
+  flags = tiny_run.overrides(
+    data_dir, **{"train.num_steps": 6, "train.keep_last": 3, "train.log_every": 1}
+  )
+  cli.main(["sft", f"--config={tiny_run.CONFIG}", f"--workdir={workdir}", *flags, *dist])
+  print(f"DONE process {jax.process_index()}", flush=True)
+
+
 if __name__ == "__main__":
-  main()
+  if sys.argv[1] == "sft":
+    sys.path.insert(0, __file__.rsplit("/", 2)[0])
+    sft_main()
+  else:
+    main()

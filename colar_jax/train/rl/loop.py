@@ -52,7 +52,14 @@ from colar_jax.train import workdir as workdir_lib
 from colar_jax.train.hooks import NonFiniteLossError, answer_kind, generation_metrics, start
 from colar_jax.train.logs import Progress
 from colar_jax.train.rl import step as rlx
-from colar_jax.train.run import Data, check_batch_axes, check_inputs, rollout_config, setup
+from colar_jax.train.run import (
+  Data,
+  check_batch_axes,
+  check_inputs,
+  relocate,
+  rollout_config,
+  setup,
+)
 
 __all__ = ["NonFiniteLossError", "rl_num_steps", "train"]
 
@@ -231,6 +238,7 @@ def train(
   question-major) replaces answer checking; tests use it to give an untrained model
   a reward signal.
   """
+  run = relocate(run, workdir)  # a moved run's upstream / weights at their new place
   check_inputs(run)
   with workdir_lib.claim(run, workdir, allow_config_change=allow_config_change) as path:
     return _train(run, path, score_fn)
