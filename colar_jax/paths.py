@@ -119,14 +119,7 @@ def read_text(p: PathLike) -> str:
 def write_text(p: PathLike, text: str) -> None:
   """Local: written to ``<p>.tmp`` then renamed over ``p`` (atomic). A URL: one object
   write (object stores have no partial objects)."""
-  p = os.fspath(p)
-  if is_url(p):
-    epath.Path(p).write_text(text)
-    return
-  tmp = p + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, p)
+  write_bytes(p, text.encode())
 
 
 def write_bytes(p: PathLike, data: bytes) -> None:

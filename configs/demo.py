@@ -42,10 +42,10 @@ from colar_jax import config
 
 PHASES = ("cot", "colar", "rl", "nocot", "icot", "coconut", "distill")
 # Which entry point trains a phase and which phase it starts from ("" = random init).
-TRAINER = dict(cot="sft", colar="sft", rl="rl", nocot="sft", icot="sft", coconut="sft")
-TRAINER.update(distill="sft")
-INIT_FROM = dict(cot="", colar="cot", rl="colar", nocot="cot", icot="cot", coconut="cot")
-INIT_FROM.update(distill="cot")
+TRAINER = {p: ("rl" if p == "rl" else "sft") for p in PHASES}
+INIT_FROM = dict(
+  cot="", colar="cot", rl="colar", nocot="cot", icot="cot", coconut="cot", distill="cot"
+)
 DESCRIPTION = dict(
   cot="CoT SFT from random init",
   colar="CoLaR SFT (latent head + compressed chain)",

@@ -289,18 +289,7 @@ def test_smollm2_gsm8k_config_trains_and_evaluates(tmp_path, repo_root, smollm2_
   assert 0.0 <= m["accuracy"] <= 1.0 and 1 <= m["num_latent"] <= 8  # rollout.max_latent_steps
 
 
-SMOL_QUICK_ROWS = {
-  ("base", 1),
-  ("cot", 1),
-  ("colar", 1),
-  ("colar", 2),
-  ("rl", 1),
-  ("rl", 2),
-  ("nocot", 1),
-  ("icot", 1),
-  ("coconut", 1),
-  ("distill", 1),
-}
+SMOL_QUICK_ROWS = QUICK_ROWS | {("base", 1)}  # the base model's zero-shot row
 
 
 @pytest.mark.slow  # ~20 min on 2 shared CPU cores (BUILD_NOTES "SmolLM2-135M + GSM8k")
