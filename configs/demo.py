@@ -175,7 +175,9 @@ def get_config(arg: str = "cot"):
     c.model.embed_std = 0.11
     c.rollout.max_new_tokens = 8  # "A:d" + EOS after the separator
     if phase == "colar":
-      c.train.num_steps = 5000
+      # 10,000 steps (~5 min idle): at 5,000 the factors shared too few updates and c=4/5
+      # landed anywhere in 81-99% by CoT run (BUILD_NOTES, "Embedded default", run f10k).
+      c.train.num_steps = 10000
       # Cosine decay: with a constant 2e-3 the last iterate wandered between factors
       # (one run good at c=2 and bad at c=3, the next the reverse).
       c.optim.schedule = "cosine"
