@@ -21,7 +21,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from colar_jax import methods, paths
-from colar_jax.data import answers as answer_lib
 from colar_jax.data import prompts
 from colar_jax.decode.generate import GenerateFn, answer_all, make_generate_fn
 from colar_jax.decode.rollout import RolloutConfig
@@ -92,29 +91,27 @@ def save_plot(path: str, method: str, factors: dict[int, dict[str, Any]]) -> Non
   paths.write_bytes(path, buf.getvalue())
 
 
-def _with_running_accuracy(
-  gen: GenerateFn, answers: Sequence[str], prefix: str, kind: str, bar: Any
-) -> GenerateFn:
-  """``gen`` that also shows the factor's running accuracy and #L on the progress bar
-  (its own check of each batch's answers; ``gen`` itself when the bar is off)."""
-  if bar.disable:
-    return gen
-  tally = [0, 0, 0.0]  # correct, answered, latent steps
+class _RunningAccuracy:
+  """Shows a factor's running accuracy and #L on the progress bar, from the batches
+  :func:`answer_all` has scored (``on_batch``)."""
 
-  def fn(questions: Sequence[str], idx: Sequence[int], factor: int, seed: int) -> Any:
-    gens = gen(questions, idx, factor, seed)
-    for i, g in zip(idx, gens):
-      pred = answer_lib.extract_answer(g.text, prefix)
-      tally[0] += bool(answer_lib.is_correct(pred, answers[i], kind))
-      tally[1] += 1
-      tally[2] += g.num_latent
-    n = max(tally[1], 1)
-    bar.set_postfix_str(
-      f"c={factor} seed={seed} acc={pct(tally[0] / n)} #L={tally[2] / n:.1f}", refresh=False
-    )
-    return gens
+  def __init__(self, bar: Any, factor: int) -> None:
+    self.bar, self.factor = bar, factor
+    self.correct, self.answered, self.latents = 0, 0, 0.0
 
-  return fn
+  def __call__(self, seed: int) -> Callable[[Sequence[Any], np.ndarray], None]:
+    def on_batch(gens: Sequence[Any], correct: np.ndarray) -> None:
+      self.correct += int(correct.sum())
+      self.answered += len(gens)
+      self.latents += sum(g.num_latent for g in gens)
+      n = max(self.answered, 1)
+      self.bar.set_postfix_str(
+        f"c={self.factor} seed={seed} acc={pct(self.correct / n)} #L={self.latents / n:.1f}",
+        refresh=False,
+      )
+      self.bar.update(1)
+
+    return on_batch
 
 
 def evaluate(
@@ -188,10 +185,10 @@ def evaluate(
     correct = np.zeros((len(seed_list), n))
     lengths = np.zeros((len(seed_list), n))
     ans_len = np.zeros((len(seed_list), n))
-    gen_c = _with_running_accuracy(generate_fn, answers, templates.answer_prefix, answer_kind, bar)
+    running = _RunningAccuracy(bar, c)
     for si, seed in enumerate(seed_list):
       sc = answer_all(
-        gen_c,
+        generate_fn,
         questions,
         answers,
         factor=c,
@@ -199,7 +196,7 @@ def evaluate(
         batch_size=batch_size,
         answer_prefix=templates.answer_prefix,
         answer_kind=answer_kind,
-        on_batch=lambda: bar.update(1),
+        on_batch=running(seed),
       )
       correct[si], lengths[si], ans_len[si] = sc.correct, sc.num_latent, sc.answer_length
       for i, g in enumerate(sc.generations):

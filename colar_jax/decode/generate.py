@@ -190,25 +190,29 @@ def answer_all(
   batch_size: int,
   answer_prefix: str,
   answer_kind: str = "number",
-  on_batch: Callable[[], None] | None = None,
+  on_batch: Callable[[Sequence[Generation], np.ndarray], None] | None = None,
 ) -> Scored:
-  """Decodes every question in batches of ``batch_size`` and checks each answer."""
+  """Decodes every question in batches of ``batch_size`` and checks each answer;
+  ``on_batch(generations, correct)`` sees each batch once it is scored."""
   if len(questions) != len(answers):
     raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
   n = len(questions)
   gens: list[Generation] = []
+  preds: list[Any] = []
+  correct: list[bool] = []
   for s in range(0, n, batch_size):
     idx = list(range(s, min(s + batch_size, n)))
-    gens += generate_fn([questions[i] for i in idx], idx, factor, seed)
+    batch = generate_fn([questions[i] for i in idx], idx, factor, seed)
+    bp = [answer_lib.extract_answer(g.text, answer_prefix) for g in batch]
+    bc = [bool(answer_lib.is_correct(p, answers[i], answer_kind)) for p, i in zip(bp, idx)]
+    gens += batch
+    preds += bp
+    correct += bc
     if on_batch is not None:
-      on_batch()
-  preds = [answer_lib.extract_answer(g.text, answer_prefix) for g in gens]
-  correct = np.asarray(
-    [bool(answer_lib.is_correct(p, a, answer_kind)) for p, a in zip(preds, answers)], bool
-  )
+      on_batch(batch, np.asarray(bc, bool))
   return Scored(
     predictions=preds,
-    correct=correct,
+    correct=np.asarray(correct, bool),
     num_latent=np.asarray([g.num_latent for g in gens], np.float64),
     answer_length=np.asarray([g.answer_length for g in gens], np.float64),
     generations=gens,
