@@ -17,6 +17,7 @@ Two kinds of tests, both tiny (8 fake CPU devices, batch sharded over them):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -195,6 +196,29 @@ def test_zero_advantages_give_zero_gradient(lib: Lib) -> None:
   assert all(np.all(g == 0) for g in zero)
   some = jax.tree.leaves(grads(np.linspace(-1, 1, N_Q * G)))
   assert any(np.abs(g).max() > 0 for g in some)
+
+
+def test_answer_only_loss_leaves_the_latent_head_alone(lib: Lib) -> None:
+  """``use_latent_loss=False`` (the demo's GRPO): the latents are inputs of the scored
+  sequence, so only the latent part reaches the latent head; the decoder still learns."""
+  out = lib.rollout(lib.params, 3)
+  mb = rlx.take_rows(lib.experience(out, np.linspace(-1, 1, N_Q * G)), jnp.arange(16))
+
+  def grads(rl):
+    def f(p):
+      return rlx.rl_loss(ts.merge_model(lib.graphdef, p, lib.frozen), mb, rl, RC)[0]
+
+    g = jax.device_get(jax.jit(jax.grad(f))(lib.params))
+    flat = jax.tree_util.tree_flatten_with_path(g)[0]
+    head = [np.abs(x).max() for k, x in flat if "latent_head" in jax.tree_util.keystr(k)]
+    rest = [np.abs(x).max() for k, x in flat if "latent_head" not in jax.tree_util.keystr(k)]
+    assert head and rest
+    return max(head), max(rest)
+
+  head, rest = grads(dataclasses.replace(RL, use_latent_loss=False))
+  assert head == 0 and rest > 0
+  head_both, _ = grads(RL)
+  assert head_both > 0
 
 
 def test_nan_guard_skips_the_update(lib: Lib) -> None:
