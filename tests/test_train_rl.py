@@ -18,6 +18,7 @@ Two kinds of tests, both tiny (8 fake CPU devices, batch sharded over them):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -145,6 +146,16 @@ def lib() -> Lib:
   return Lib()
 
 
+@functools.cache
+def loss_grad_fn(lib: Lib, rl: rlx.RLConfig) -> Any:
+  """Jitted ``(params, mini-batch) -> d rl_loss / d params`` (one compile per ``rl``)."""
+
+  def f(params, mb):
+    return rlx.rl_loss(ts.merge_model(lib.graphdef, params, lib.frozen), mb, rl, RC)[0]
+
+  return jax.jit(jax.grad(f))
+
+
 def test_trainer_logprobs_equal_rollout_logprobs(lib: Lib) -> None:
   """logprob_gap of the first update (same params as the rollout) is ~0; it is not
   trivially 0: perturbed params give a large gap."""
@@ -181,16 +192,9 @@ def test_zero_advantages_give_zero_gradient(lib: Lib) -> None:
   out = lib.rollout(lib.params, 2)
   idx = jnp.arange(16)
 
-  @jax.jit
-  def grad_fn(params, mb):
-    def f(p):
-      return rlx.rl_loss(ts.merge_model(lib.graphdef, p, lib.frozen), mb, RL, RC)[0]
-
-    return jax.grad(f)(params)
-
   def grads(adv: np.ndarray):
     mb = rlx.take_rows(lib.experience(out, adv), idx)
-    return jax.device_get(grad_fn(lib.params, mb))
+    return jax.device_get(loss_grad_fn(lib, RL)(lib.params, mb))
 
   zero = jax.tree.leaves(grads(np.zeros(N_Q * G)))
   assert all(np.all(g == 0) for g in zero)
@@ -205,10 +209,7 @@ def test_answer_only_loss_leaves_the_latent_head_alone(lib: Lib) -> None:
   mb = rlx.take_rows(lib.experience(out, np.linspace(-1, 1, N_Q * G)), jnp.arange(16))
 
   def grads(rl):
-    def f(p):
-      return rlx.rl_loss(ts.merge_model(lib.graphdef, p, lib.frozen), mb, rl, RC)[0]
-
-    g = jax.device_get(jax.jit(jax.grad(f))(lib.params))
+    g = jax.device_get(loss_grad_fn(lib, rl)(lib.params, mb))
     flat = jax.tree_util.tree_flatten_with_path(g)[0]
     head = [np.abs(x).max() for k, x in flat if "latent_head" in jax.tree_util.keystr(k)]
     rest = [np.abs(x).max() for k, x in flat if "latent_head" not in jax.tree_util.keystr(k)]
