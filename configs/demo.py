@@ -195,7 +195,7 @@ def get_config(arg: str = "cot"):
       # answer tokens; the reference's switch). The latent head's std collapses to
       # ~0.005 in SFT, so the latents' log-ratios are huge and noisy (grad norm 140-310,
       # half of them clipped) and drown the stop decision: with the latent part on, #L
-      # stayed at 5.92 (run g8) and at c=2 moved -1.3% of a possible 7.7%.
+      # stayed at 5.92 (run g8) and at c=2 moved -1.2% of a possible 7.9% (g2).
       c.rl.use_latent_loss = False
       # GRPO's optimizer: the SFT settings of the demo (no decay, 20 warm-up updates) at
       # 1e-4 (1e-3 / 3e-4 lost 82 / 19 points of accuracy).
