@@ -3,7 +3,11 @@
 Per compression factor we report, as the paper does, accuracy mean +- 95% CI over seeds,
 ``1.96 * std / sqrt(n_seeds)``. The paper does not say which std; we use the SAMPLE std
 (ddof=1), the usual estimate from a handful of runs (ddof=0 would shrink the interval by
-sqrt(4/5) ~ 0.89 for 5 seeds); one seed -> CI 0. "#L on correct" is
+sqrt(4/5) ~ 0.89 for 5 seeds); one seed -> CI 0. That interval is the sampling noise of
+one model on these questions only; ``accuracy_ci95_questions`` is the 95% CI of the
+accuracy as an estimate over the question distribution: 1.96 * the standard error over
+questions of each question's accuracy averaged over the seeds (the clustered CLT interval
+of Miller, "Adding Error Bars to Evals", arXiv 2411.00640). "#L on correct" is
 ``sum(correct * L) / sum(correct)`` per seed (as the reference), averaged over seeds;
 answer length is the number of generated tokens including EOS (the reference's non-pad
 output length). Decoding itself is :mod:`colar_jax.decode.generate`.
@@ -44,6 +48,7 @@ def _summarise(correct: np.ndarray, lengths: np.ndarray, ans_len: np.ndarray) ->
     accuracy=float(acc.mean()),
     accuracy_ci95=ci95(acc),
     accuracy_per_seed=[float(a) for a in acc],
+    accuracy_ci95_questions=ci95(correct.mean(axis=0)),
     num_latent=float(lengths.mean()),
     num_latent_ci95=ci95(lengths.mean(axis=1)),
     num_latent_correct=(float(np.nanmean(l_ok)) if np.isfinite(l_ok).any() else float("nan")),
@@ -52,14 +57,16 @@ def _summarise(correct: np.ndarray, lengths: np.ndarray, ans_len: np.ndarray) ->
 
 
 def format_table(method: str, factors: dict[int, dict[str, Any]]) -> str:
+  """Accuracy +- the CI over seeds, then (``+- q``) the CI over questions."""
   lines = [
     f"method={method}",
-    f"{'c':>4} {'accuracy':>16} {'#L':>8} {'#L(correct)':>12} {'ans len':>8}",
+    f"{'c':>4} {'accuracy':>16} {'+- q':>6} {'#L':>8} {'#L(correct)':>12} {'ans len':>8}",
   ]
   for c, m in factors.items():
     acc = f"{100 * m['accuracy']:.2f}% +- {100 * m['accuracy_ci95']:.2f}"
+    q = f"{100 * m.get('accuracy_ci95_questions', float('nan')):.2f}"
     lines.append(
-      f"{c:>4} {acc:>16} {m['num_latent']:>8.2f} "
+      f"{c:>4} {acc:>16} {q:>6} {m['num_latent']:>8.2f} "
       f"{m['num_latent_correct']:>12.2f} {m['answer_length']:>8.2f}"
     )
   return "\n".join(lines)

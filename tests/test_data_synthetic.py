@@ -112,6 +112,15 @@ def test_redundant_noop_steps_follow_the_real_chain():
   assert rare.config_name().endswith("_noop2p20")
   tails = [len(r.steps) - 4 for r in generate_splits(rare)["test"]]
   assert set(tails) == {0, 1, 2} and 0.05 < sum(t > 0 for t in tails) / len(tails) < 0.25
+  # min_noop_steps: a problem either gets 2..2 redundant steps (on ~75%) or none.
+  pair = dataclasses.replace(task, min_noop_steps=2, noop_percent=75, test_size=400, train_size=300)
+  assert pair.config_name() == SMALL.config_name().replace("n600-100-100", "n300-100-400") + (
+    "_noop2min2p75"
+  )
+  tails = [len(r.steps) - 4 for r in generate_splits(pair)["test"]]
+  assert set(tails) == {0, 2} and 0.65 < sum(t > 0 for t in tails) / len(tails) < 0.85
+  with pytest.raises(ValueError, match="min_noop_steps"):
+    SyntheticTask(min_noop_steps=3, max_noop_steps=2)
   with pytest.raises(ValueError, match="noop_percent"):
     SyntheticTask(max_noop_steps=1, noop_percent=101)
   with pytest.raises(ValueError, match="max_noop_steps"):

@@ -163,6 +163,25 @@ def _targets(rows, chain=None):
   return {t["target"].split(" (")[0].split(" >=")[0]: t["ok"] for t in out}
 
 
+def test_targets_judge_differences_by_the_ci_over_questions():
+  """A 0.6-point rise with a zero-width CI over seeds (a model that samples nearly the same
+  answers every seed) is within a CI over 500 questions (~±0.7 at 99%), and a rise
+  beyond the CI over questions fails; rows without that CI fall back to the seeds'."""
+  name = "CoLaR accuracy vs c monotone within the CIs"
+
+  def rows(q_ci):
+    out = [_row("cot", 1, 1.0, 24.0)]
+    for c, a in ((1, 0.993), (2, 0.999)):
+      out.append(_row("colar", c, a, 24.0 / c, ci=0.0))
+      if q_ci is not None:
+        out[-1]["accuracy_ci95_questions"] = q_ci
+    return out
+
+  assert _targets(rows(0.007))[name]
+  assert not _targets(rows(0.002))[name]
+  assert not _targets(rows(None))[name]
+
+
 def test_chain_latents_is_the_mean_of_per_question_ceilings(tmp_path):
   from colar_jax import demo
 

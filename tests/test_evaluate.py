@@ -68,6 +68,11 @@ def test_metrics_and_outputs_with_stubbed_generator(tmp_path):
     ci = 1.96 * per_seed.std(ddof=1) / math.sqrt(3)
     assert m["accuracy_ci95"] == pytest.approx(ci)
     assert m["accuracy_per_seed"] == pytest.approx(list(per_seed))
+    # Over questions: each question's accuracy averaged over the 3 seeds, then the
+    # standard error over the 4 questions.
+    per_q = [np.mean([_correct(i, c, s) for s in (0, 1, 2)]) for i in range(4)]
+    q_ci = 1.96 * np.std(per_q, ddof=1) / math.sqrt(4)
+    assert m["accuracy_ci95_questions"] == pytest.approx(q_ci)
     assert m["num_latent"] == pytest.approx(2 * c + 1.5)
     l_ok = [np.mean([2 * c + i for i in range(4) if _correct(i, c, s)]) for s in (0, 1, 2)]
     assert m["num_latent_correct"] == pytest.approx(np.mean(l_ok))

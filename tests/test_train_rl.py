@@ -175,6 +175,24 @@ def test_trainer_logprobs_equal_rollout_logprobs(lib: Lib) -> None:
   assert float(m2["logprob_gap"]) > 1e-3
 
 
+def test_exploration_temperature_changes_the_draws_not_the_logprobs(lib: Lib) -> None:
+  """``rl.explore_eot_temperature``: tempered end-of-thinking draws stop elsewhere than
+  T=1 draws with the same key, and their log-probs stay the untempered policy's (as the
+  reference's, for every temperature), so the trainer reproduces them (gap ~0)."""
+  hot = dataclasses.replace(RC, eot_temperature=3.0)
+  out = rlx.rollout_group(
+    lib.graphdef, lib.params, lib.frozen, lib.ids, lib.mask, jax.random.key(7), hot
+  )
+  mb = rlx.take_rows(lib.experience(out, np.ones(N_Q * G)), jnp.arange(16))
+  model = ts.merge_model(lib.graphdef, lib.params, lib.frozen)
+  assert float(rlx.rl_loss(model, mb, RL, hot)[1]["logprob_gap"]) <= 1e-4
+  # Tempered draws stop at other places than T=1 draws with the same key.
+  cold = rlx.rollout_group(
+    lib.graphdef, lib.params, lib.frozen, lib.ids, lib.mask, jax.random.key(7), RC
+  )
+  assert not np.array_equal(jax.device_get(out.num_latents), jax.device_get(cold.num_latents))
+
+
 def test_length_penalty_reward_in_experience(lib: Lib) -> None:
   out = lib.rollout(lib.params, 1)
   n = np.asarray(jax.device_get(out.num_latents))
@@ -398,6 +416,18 @@ def test_train_rl_run_checkpoint_and_exact_resume(sft_run, tmp_path) -> None:
     "kl",
   ):
     np.testing.assert_allclose(got[2][k], ref[2][k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_train_rl_with_an_exploration_temperature(sft_run, tmp_path) -> None:
+  """The loop samples its experience at ``rl.explore_eot_temperature`` (the first
+  update's logprob_gap ~0 at every step) and keeps the key in the saved config."""
+  wd = str(tmp_path / "explore")
+  over = {"rl.num_steps": 2, "rl.kl_weight": 0.0, "rl.explore_eot_temperature": 4.0}
+  train_rl.train(_config(_rl_overrides(sft_run, **over)), wd, score_fn=_parity)
+  recs = metrics.read_jsonl(wd)
+  assert [r["step"] for r in recs] == [1, 2]
+  assert all(r["logprob_gap"] <= 1e-4 for r in recs), recs
+  assert trun.load_run(wd).run.rl.explore_eot_temperature == 4.0
 
 
 def test_nonfinite_reward_stops_without_checkpoint(sft_run, tmp_path) -> None:

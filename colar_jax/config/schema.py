@@ -104,7 +104,8 @@ class Synthetic:
   test_size: int = field(500, "Test examples.")
   seed: int = field(1234, "Generator seed.")
   step_style: str = field("full", "'full': each step 'a*b=c'; 'short': '*b=c'.")
-  max_noop_steps: int = field(0, "Redundant '9=9' steps appended: 0..k, uniform.")
+  max_noop_steps: int = field(0, "Redundant '9=9' steps appended: min..max, uniform.")
+  min_noop_steps: int = field(0, "Fewest redundant steps on a problem that gets them.")
   noop_percent: int = field(100, "Percent of problems that get the no-op steps.")
 
   def __post_init__(self):
@@ -128,7 +129,7 @@ class Synthetic:
       self.operators,
     )
     _check(self.modulus >= 2, p + "modulus", "must be >= 2", self.modulus)
-    for k in ("train_size", "val_size", "test_size", "max_noop_steps"):
+    for k in ("train_size", "val_size", "test_size", "max_noop_steps", "min_noop_steps"):
       _check(getattr(self, k) >= 0, p + k, "must be >= 0", getattr(self, k))
     _check(
       self.step_style in ("full", "short"),
@@ -138,6 +139,12 @@ class Synthetic:
     )
     _check(
       0 <= self.noop_percent <= 100, p + "noop_percent", "must be in [0, 100]", self.noop_percent
+    )
+    _check(
+      self.min_noop_steps <= self.max_noop_steps,
+      p + "min_noop_steps",
+      "need min_noop_steps <= max_noop_steps",
+      (self.min_noop_steps, self.max_noop_steps),
     )
 
 
@@ -327,6 +334,11 @@ class RL:
   kl_weight: float = field(0.0, ">0: k3 KL to the frozen init_from policy.")
   punish_latent_length: bool = field(False, "Reward = correct / #latents.")
   compression_factor: int = field(5, "Thinking speed in RL prompts and validation.")
+  explore_eot_temperature: float = field(
+    0.0,
+    ">0: end-of-thinking draw temperature of the GRPO rollouts (exploration; log-probs "
+    "stay untempered; validation and eval keep rollout.eot_temperature); 0 = the same.",
+  )
   n_train_samples_per_epoch: int = field(512, "Questions per RL epoch.")
   num_epochs: int = field(0, ">0: num_epochs epochs instead of num_steps.")
   eval_at_start: bool = field(True, "Validate before the first RL step.")
@@ -336,6 +348,12 @@ class RL:
     # section directly (a group of one has no relative advantage: NaN).
     _check(self.group_size >= 2, "rl.group_size", "must be >= 2", self.group_size)
     _check(self.clip_log_ratio >= 0, "rl.clip_log_ratio", "must be >= 0", self.clip_log_ratio)
+    _check(
+      self.explore_eot_temperature >= 0,
+      "rl.explore_eot_temperature",
+      "must be >= 0 (0 = rollout.eot_temperature)",
+      self.explore_eot_temperature,
+    )
     _check(
       self.use_latent_loss or self.use_answer_loss,
       "rl.use_answer_loss",

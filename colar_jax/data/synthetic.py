@@ -14,9 +14,10 @@ steps are short and perfectly regular (5 characters, 6 with the newline joiner),
 latent compression factors map cleanly onto whole steps; and it is generated in
 milliseconds, deterministically from a seed, with no file on disk.
 
-``max_noop_steps`` > 0 appends 0..k redundant steps restating the value (``9=9``) to a
-chain (uniform per problem, kept on ``noop_percent``% of problems; question and answer
-unchanged): reasoning that a shorter chain can drop.
+``max_noop_steps`` > 0 appends ``min_noop_steps``..``max_noop_steps`` redundant steps
+restating the value (``9=9``) to a chain (uniform per problem, on ``noop_percent``% of
+problems, none on the rest; question and answer unchanged): reasoning that a shorter chain
+can drop.
 The SFT model learns to stop after a random number of them, which gives GRPO's length
 reward something to remove (every sample of a group is otherwise correct and equally long).
 
@@ -68,6 +69,7 @@ class SyntheticTask(cfglib.Synthetic):
       f"_m{self.modulus}_n{self.train_size}-{self.val_size}-{self.test_size}_seed{self.seed}"
       + ("" if self.step_style == "full" else f"_{self.step_style}")  # older names unchanged
       + (f"_noop{self.max_noop_steps}" if self.max_noop_steps else "")
+      + (f"min{self.min_noop_steps}" if self.max_noop_steps and self.min_noop_steps else "")
       + (f"p{self.noop_percent}" if self.max_noop_steps and self.noop_percent != 100 else "")
     )
 
@@ -131,7 +133,9 @@ def _draw(
   operands = rng.integers(task.operand_min, task.operand_max + 1, size=(n, k_max))
   # Drawn last and only when asked, so tasks without no-ops keep their exact data.
   noops = (
-    rng.integers(0, task.max_noop_steps + 1, size=n) if task.max_noop_steps else np.zeros(n, int)
+    rng.integers(task.min_noop_steps, task.max_noop_steps + 1, size=n)
+    if task.max_noop_steps
+    else np.zeros(n, int)
   )
   if task.max_noop_steps and task.noop_percent < 100:
     noops = np.where(rng.integers(0, 100, size=n) < task.noop_percent, noops, 0)

@@ -263,8 +263,14 @@ def _train(run: cfglib.Run, workdir: str, score_fn: ScoreFn | None) -> dict[str,
   writer, state, embed_std, latest = hooks.writer, hooks.state, hooks.embed_std, hooks.latest
   s.model = s.params = None
   tok = data.tokenizer
-  rcfg = rollout_config(run.rollout, tok, data.templates, embed_std)
-  update = rlx.compile_update(graphdef, tx, rl, rcfg, shardings, mesh, rules)
+  rcfg = rollout_config(run.rollout, tok, data.templates, embed_std)  # validation
+  # The experience's draws: with an exploration temperature the end-of-thinking token is
+  # drawn from flattened probabilities (an SFT model that nearly never stops early
+  # still tries it); log-probs stay untempered (rollout.py), so the update is unchanged.
+  explore = rcfg
+  if rl.explore_eot_temperature:
+    explore = dataclasses.replace(rcfg, eot_temperature=float(rl.explore_eot_temperature))
+  update = rlx.compile_update(graphdef, tx, rl, explore, shardings, mesh, rules)
   it = make_rl_pipeline(run, data).iterator(hooks.data_state or None)
   step = int(latest or 0)
   progress = Progress(num_steps, step, bool(run.train.progress))
@@ -290,7 +296,13 @@ def _train(run: cfglib.Run, workdir: str, score_fn: ScoreFn | None) -> dict[str,
       ids, mask = rlx.repeat_groups(host["question_ids"], host["question_mask"], g)
       batch = ts.put_batch({"ids": ids, "mask": mask}, mesh, rules)
       out = rlx.rollout_group(
-        graphdef, state.params, frozen, batch["ids"], batch["mask"], rollout_key(state, step), rcfg
+        graphdef,
+        state.params,
+        frozen,
+        batch["ids"],
+        batch["mask"],
+        rollout_key(state, step),
+        explore,
       )
       a_ids, a_mask, n_lat, done = (
         local_rows(x, mesh, rules)
@@ -307,7 +319,7 @@ def _train(run: cfglib.Run, workdir: str, score_fn: ScoreFn | None) -> dict[str,
       adv_g = ts.put_batch({"adv": adv}, mesh, rules)["adv"]
       ref = (
         rlx.reference_scores(
-          graphdef, ref_params, frozen, batch["ids"], batch["mask"], out, cfg=rcfg
+          graphdef, ref_params, frozen, batch["ids"], batch["mask"], out, cfg=explore
         )
         if ref_params is not None
         else None
