@@ -18,10 +18,13 @@ default"):
     a compressed block is a SUM of c token embeddings (a bag), which cannot tell ``6-2``
     from ``2-6``.
   * every step ends with ``\n`` (``2*3=6\n``, a 6-token period that c=2 and c=3 divide,
-    so their latents cut every step at the same places), and half the chains end with a
-    redundant step restating the value (``1=1\n``): reasoning a shorter chain can drop,
-    where the stop is the end-of-thinking token draw, so GRPO's length reward has a real
-    choice (at c=5 the SFT model thinks 6 latents, GRPO learns that 5 hold the chain).
+    so their latents cut every step at the same places), and 3 in 4 chains end with two
+    redundant steps restating the value (``1=1\n1=1\n``, 8 tokens): reasoning a shorter
+    chain can drop, where the stop is the end-of-thinking token draw, so GRPO's length
+    reward has a real choice (at c=5 the SFT model thinks 7 latents, GRPO learns that 5
+    hold the chain). The tail is long and frequent so that GRPO's room (2 of 7 latents at
+    c=5) does not depend on how often one SFT run happens to stop early: with one 4-token
+    step on half the chains it was at most 16.7%, and 7-16% over 3 seeds (BUILD_NOTES).
   * ``colar.end_latent_loss=False``: the latent head is not trained at a chain's last
     position (inference never uses that prediction); trained there, it learns a blend of
     the separator's embedding and the tail, and rollouts that go on are fed the blend.
@@ -79,10 +82,12 @@ def _common():
   # only, so a compressed block (a SUM of c token embeddings) determines its step's
   # result whatever the order inside it ("6-2" and "2-6" would give the same latent).
   c.data.dataset = "synthetic"
-  # max_noop_steps=1: half the chains end with a redundant "1=1" step (see the docstring).
+  # Two redundant "1=1" steps on 75% of the chains, none on the rest (see the docstring).
   syn = c.data.synthetic
   syn.min_steps = syn.max_steps = 4
-  syn.operators, syn.modulus, syn.seed, syn.max_noop_steps = "+*", 10, 1234, 1
+  syn.operators, syn.modulus, syn.seed = "+*", 10, 1234
+  syn.min_noop_steps = syn.max_noop_steps = 2
+  syn.noop_percent = 75
   syn.train_size, syn.val_size, syn.test_size = 20000, 500, 500
   c.data.question_template = "{}"
   c.data.speed_template = " c={}"
@@ -90,11 +95,12 @@ def _common():
   # Every step ends with "\n": a 6-token period ("2*3=6\n") that c=2 and c=3 divide, so
   # their latents cut every step at the same places (with 5-token steps c=2/3 drifted
   # off the chain at inference unless trained on their own predictions, 1.6x the cost).
-  # The trailing one after the last step makes the real chain 24 tokens, 12 c=2 blocks.
+  # The trailing one after the last step makes the real chain 24 tokens, 12 c=2 blocks
+  # (32 with the redundant tail).
   c.data.step_joiner = "\n"
   c.data.steps_template = "{}\n"
   c.data.question_buckets = (24, 32)
-  c.data.steps_buckets = (32,)  # "###" + 24 or 28 chain tokens
+  c.data.steps_buckets = (40,)  # "###" + 24 or 32 chain tokens
   c.data.answer_buckets = (8, 16)
   c.data.batch_size = 16
   c.data.eval_batch_size = 500
@@ -112,9 +118,9 @@ def _common():
   c.train.keep_last = 1
   c.train.keep_best = 0
   c.train.monitor = "val/loss"
-  # Decoding: a CoT answer holds the whole chain (<= 28 tokens, then ###A:d and EOS).
-  c.rollout.max_latent_steps = 32
-  c.rollout.max_new_tokens = 40
+  # Decoding: a CoT answer holds the whole chain (<= 32 tokens, then ###A:d and EOS).
+  c.rollout.max_latent_steps = 40
+  c.rollout.max_new_tokens = 48
   return c
 
 
@@ -154,10 +160,10 @@ def get_config(arg: str = "cot"):
   c.init_from = f"{DEFAULT_ROOT}/{src}" if src else ""
   if phase == "cot":
     c.method = "cot"
-    # Seed 0 converges (train loss 0.03) by step 500, but seeds 1 and 2 were still at
-    # 0.11-0.13 at step 600 (test accuracy 47% / 38%): the loss drops in a late phase
-    # transition whose step depends on the init (BUILD_NOTES, "Embedded default").
-    c.train.num_steps = 1200
+    # The loss drops in a late phase transition whose step depends on the init: seed 0
+    # was at 74% test accuracy at step 1,200 (arithmetic slips such as "9+4=5") and at
+    # 100% at 2,000 (BUILD_NOTES, "Embedded default").
+    c.train.num_steps = 2000
   elif phase in ("colar", "rl"):
     c.method = "colar"
     # The evaluated factors 1..5, one drawn per batch in proportion 1 : 1.5 : 1 : 2.5 : 5
@@ -182,10 +188,10 @@ def get_config(arg: str = "cot"):
       # (one run good at c=2 and bad at c=3, the next the reverse).
       c.optim.schedule = "cosine"
     else:
-      # GRPO at c=5. The SFT model thinks 6 latents on 98% of the questions, though
-      # the 24-token chain of half of them fits in 5: every sample of a group is right,
-      # so the length-aware reward (correct / #L) alone separates the few that stop after
-      # the 5th latent, and GRPO learns to stop there (#L 5.98 -> 5.00, BUILD_NOTES).
+      # GRPO at c=5. The SFT model thinks 7 latents on (nearly) every question, though
+      # the 24-token chain of a quarter of them fits in 5: every sample of a group is
+      # right, so the length-aware reward (correct / #L) alone separates the ones that
+      # stop after the 5th latent, and GRPO learns to stop there (BUILD_NOTES).
       c.rl.num_steps = 40
       c.rl.compression_factor = 5
       c.rl.questions_per_step = 16
@@ -197,9 +203,15 @@ def get_config(arg: str = "cot"):
       # half of them clipped) and drown the stop decision: with the latent part on, #L
       # stayed at 5.92 (run g8) and at c=2 moved -1.2% of a possible 7.9% (g2).
       c.rl.use_latent_loss = False
+      # Exploration: the end-of-thinking token drawn at temperature 2 in GRPO's rollouts
+      # (log-probs and evaluation untempered). An SFT run that almost never stops after
+      # the 5th latent (~1 sample in 128) gives GRPO's groups no shorter sample: #L 7.00
+      # -> 6.98 at T=1, 7.00 -> 5.28 at T=2 (seed 0, BUILD_NOTES).
+      c.rl.explore_eot_temperature = 2.0
       # GRPO's optimizer: the SFT settings of the demo (no decay, 20 warm-up updates) at
-      # 1e-4 (1e-3 / 3e-4 lost 82 / 19 points of accuracy).
-      c.rl.optim.lr = 1e-4
+      # 5e-5 (1e-4 lost 0.9 points at c=5 and 3.7 at c=3; 1e-3 / 3e-4 lost 82 / 19 on the
+      # one-step tail).
+      c.rl.optim.lr = 5e-5
       c.rl.optim.weight_decay = 0.0
       c.rl.optim.warmup_steps = 20
       c.rl.punish_latent_length = True
@@ -215,7 +227,7 @@ def get_config(arg: str = "cot"):
   elif phase == "icot":
     c.method = "icot"
     # iCoT removes the first s steps at stage s, all of them at max_stage: 5 stages (4
-    # real steps and the tail) one epoch each over a 1,600-problem split (100 batches),
+    # real steps, then the whole tail) one epoch each over a 1,600-problem split (100 batches),
     # then the final (No-CoT-like) stage for the rest of the budget.
     c.data.synthetic.train_size = 1600
     cur = c.baselines.icot
@@ -232,7 +244,7 @@ def get_config(arg: str = "cot"):
     # Coconut's curriculum advances per EPOCH (reference: 3 epochs per stage); on a
     # 1,600-problem train split of the same generator (the test split does not depend
     # on train_size), 100 steps per stage: one thought replaces one more step per stage
-    # (4 real steps, then the tail), the final stage (5 thoughts) gets the last 200.
+    # (4 real steps, then the whole tail), the final stage (5 thoughts) gets the last 200.
     # With 3 stages of 2 thoughts and 300 steps it stayed below No-CoT (13.0%).
     c.data.synthetic.train_size = 1600
     cur = c.baselines.coconut.curriculum
