@@ -651,7 +651,8 @@ def run_pipeline(
     f"# CoLaR demo results ({'quick' if quick else 'full'} budget)",
     "",
     f"Dataset `{task}`, {n_test} test questions, seeds "
-    f"{list(range(seeds))}; accuracy = mean ± 1.96·std/√seeds.",
+    f"{list(range(seeds))}; accuracy = mean ± 1.96·std/√seeds; ± q: the 95% CI over "
+    "questions (evaluate.py), which the targets judge differences by.",
     "",
     table,
     "",
