@@ -418,18 +418,6 @@ def test_train_rl_run_checkpoint_and_exact_resume(sft_run, tmp_path) -> None:
     np.testing.assert_allclose(got[2][k], ref[2][k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
-def test_train_rl_with_an_exploration_temperature(sft_run, tmp_path) -> None:
-  """The loop samples its experience at ``rl.explore_eot_temperature`` (the first
-  update's logprob_gap ~0 at every step) and keeps the key in the saved config."""
-  wd = str(tmp_path / "explore")
-  over = {"rl.num_steps": 2, "rl.kl_weight": 0.0, "rl.explore_eot_temperature": 4.0}
-  train_rl.train(_config(_rl_overrides(sft_run, **over)), wd, score_fn=_parity)
-  recs = metrics.read_jsonl(wd)
-  assert [r["step"] for r in recs] == [1, 2]
-  assert all(r["logprob_gap"] <= 1e-4 for r in recs), recs
-  assert trun.load_run(wd).run.rl.explore_eot_temperature == 4.0
-
-
 def test_nonfinite_reward_stops_without_checkpoint(sft_run, tmp_path) -> None:
   wd = str(tmp_path / "nan")
   c = _config(
@@ -442,9 +430,19 @@ def test_nonfinite_reward_stops_without_checkpoint(sft_run, tmp_path) -> None:
 
 
 def test_cli_one_step(sft_run, tmp_path) -> None:
-  """The documented command line (real answer checking: this model scores 0)."""
+  """The documented command line (real answer checking: this model scores 0), with an
+  exploration temperature: the loop's experience is drawn with it and still scored with
+  the untempered log-probs the rollout recorded (logprob_gap ~0)."""
   wd = str(tmp_path / "cli")
-  kv = _rl_overrides(sft_run, **{"rl.num_steps": 1, "train.eval_every": 0, "rl.kl_weight": 0.0})
+  kv = _rl_overrides(
+    sft_run,
+    **{
+      "rl.num_steps": 1,
+      "train.eval_every": 0,
+      "rl.kl_weight": 0.0,
+      "rl.explore_eot_temperature": 4.0,
+    },
+  )
   proc = subprocess.run(
     [
       sys.executable,
@@ -464,6 +462,7 @@ def test_cli_one_step(sft_run, tmp_path) -> None:
   (rec,) = metrics.read_jsonl(wd)
   assert rec["step"] == 1 and rec["reward"] == 0.0 and rec["logprob_gap"] <= 1e-4
   assert os.path.isdir(os.path.join(wd, "checkpoints", "1"))
+  assert trun.load_run(wd).run.rl.explore_eot_temperature == 4.0
 
 
 def test_rl_config_is_validated(sft_run, tmp_path) -> None:
