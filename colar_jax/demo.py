@@ -270,8 +270,8 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
           c=int(c),
           accuracy=float(m["accuracy"]),
           accuracy_ci95=float(m["accuracy_ci95"]),
-          # Results cached before this key existed have only the over-seeds CI.
-          accuracy_ci95_questions=float(m.get("accuracy_ci95_questions", m["accuracy_ci95"])),
+          # Results cached before this key existed have none (shown as nan; ``_ci``).
+          accuracy_ci95_questions=float(m.get("accuracy_ci95_questions", math.nan)),
           num_latent=n_lat,
           num_latent_ci95=float(m.get("num_latent_ci95", 0.0)),
           num_latent_ratio=(n_lat / cot_l if cot_l else float("nan")),
@@ -291,7 +291,7 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
   lines = [head, sep]
   for r in rows:
     acc = f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_ci95']:.1f}"
-    q = f"{100 * r.get('accuracy_ci95_questions', float('nan')):.1f}"
+    q = f"{100 * r.get('accuracy_ci95_questions', math.nan):.1f}"
     ratio = "" if math.isnan(r["num_latent_ratio"]) else f"{r['num_latent_ratio']:.2f}"
     lines.append(
       f"| {r['method']:<11} | {r['c']:>2} | {acc:>14} | {q:>5} | {r['num_latent']:>6.2f} "
@@ -303,7 +303,8 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
 def _ci(r: dict[str, Any]) -> float:
   """The CI a target judges a row by: over questions (evaluate.py's docstring), which
   the targets are about; over seeds where a row has no other."""
-  return r.get("accuracy_ci95_questions", r["accuracy_ci95"])
+  q = r.get("accuracy_ci95_questions", math.nan)
+  return r["accuracy_ci95"] if math.isnan(q) else q
 
 
 def _apart(lo: dict[str, Any], hi: dict[str, Any], margin: float = 0.0) -> bool:

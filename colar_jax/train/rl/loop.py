@@ -263,14 +263,15 @@ def _train(run: cfglib.Run, workdir: str, score_fn: ScoreFn | None) -> dict[str,
   writer, state, embed_std, latest = hooks.writer, hooks.state, hooks.embed_std, hooks.latest
   s.model = s.params = None
   tok = data.tokenizer
-  rcfg = rollout_config(run.rollout, tok, data.templates, embed_std)  # validation
+  rcfg = rollout_config(run.rollout, tok, data.templates, embed_std)
   # The experience's draws: with an exploration temperature the end-of-thinking token is
   # drawn from flattened probabilities (an SFT model that nearly never stops early
-  # still tries it); log-probs stay untempered (rollout.py), so the update is unchanged.
+  # still tries it). Log-probs stay untempered (rollout.py), so the update, the
+  # reference scores and validation keep ``rcfg``.
   explore = rcfg
   if rl.explore_eot_temperature:
     explore = dataclasses.replace(rcfg, eot_temperature=float(rl.explore_eot_temperature))
-  update = rlx.compile_update(graphdef, tx, rl, explore, shardings, mesh, rules)
+  update = rlx.compile_update(graphdef, tx, rl, rcfg, shardings, mesh, rules)
   it = make_rl_pipeline(run, data).iterator(hooks.data_state or None)
   step = int(latest or 0)
   progress = Progress(num_steps, step, bool(run.train.progress))
@@ -319,7 +320,7 @@ def _train(run: cfglib.Run, workdir: str, score_fn: ScoreFn | None) -> dict[str,
       adv_g = ts.put_batch({"adv": adv}, mesh, rules)["adv"]
       ref = (
         rlx.reference_scores(
-          graphdef, ref_params, frozen, batch["ids"], batch["mask"], out, cfg=explore
+          graphdef, ref_params, frozen, batch["ids"], batch["mask"], out, cfg=rcfg
         )
         if ref_params is not None
         else None
