@@ -161,6 +161,8 @@ def test_overrides_errors():
     (["data.synthetic.operators=+/"], "config.data.synthetic.operators:"),
     (["data.synthetic.step_style=long"], "config.data.synthetic.step_style:"),
     (["mesh.fsdp=-1"], "config.mesh:"),
+    (["optim.ema_decay=1"], "config.optim.ema_decay:"),
+    (["rl.optim.ema_decay=-0.1"], "config.rl.optim.ema_decay:"),
   ],
 )
 def test_validate_rejects(overrides, key):

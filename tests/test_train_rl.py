@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -441,6 +442,7 @@ def test_cli_one_step(sft_run, tmp_path) -> None:
       "train.eval_every": 0,
       "rl.kl_weight": 0.0,
       "rl.explore_eot_temperature": 4.0,
+      "rl.optim.ema_decay": 0.5,
     },
   )
   proc = subprocess.run(
@@ -463,6 +465,15 @@ def test_cli_one_step(sft_run, tmp_path) -> None:
   assert rec["step"] == 1 and rec["reward"] == 0.0 and rec["logprob_gap"] <= 1e-4
   assert os.path.isdir(os.path.join(wd, "checkpoints", "1"))
   assert trun.load_run(wd).run.rl.explore_eot_temperature == 4.0
+  # With an average, the checkpoint's params are it and the iterate rides in "train".
+  step_dir = os.path.join(wd, "checkpoints", "1")
+  average = checkpointing._restore_item(step_dir, "params", ocp.args.StandardRestore())
+  train = checkpointing._restore_item(step_dir, "train", ocp.args.StandardRestore())
+  diff = [
+    float(np.abs(np.asarray(a) - np.asarray(b)).max())
+    for a, b in zip(jax.tree.leaves(average), jax.tree.leaves(train["iterate"]))
+  ]
+  assert max(diff) > 0, "the average equals the iterate"
 
 
 def test_rl_config_is_validated(sft_run, tmp_path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import Mesh
@@ -69,11 +70,13 @@ def setup(model: CoLaRModel, mesh: Mesh, *, lora: bool = False, **optim: Any):
   graphdef, p_state, frozen = nnx.split(model, ts.trainable_filter(lora), ...)
   p_shard = ts.param_shardings(p_state, mesh, rules)
   params = nnx.to_pure_dict(p_state)
-  tx = ts.make_optimizer(optim_cfg(**optim), 100)
-  shardings = ts.state_shardings(tx, params, p_shard, mesh)
+  oc = optim_cfg(**optim)
+  tx = ts.make_optimizer(oc, 100)
+  shardings = ts.state_shardings(tx, params, p_shard, mesh, ema=oc.ema_decay > 0)
   state = ts.init_train_state(params, tx, 0, shardings)
   # CoLaR's loss settings (colar section defaults, embed_std 0.02); CoT ignores them.
-  train_fn, _ = ts.compile_steps(graphdef, tx, ColarSettings(embed_std=0.02), shardings)
+  settings = ColarSettings(embed_std=0.02)
+  train_fn, _ = ts.compile_steps(graphdef, tx, settings, shardings, oc.ema_decay)
   return graphdef, state, frozen, train_fn
 
 
@@ -113,6 +116,36 @@ def test_grad_accumulation_equals_one_big_step() -> None:
     host_params(plain),
     host_params(accum),
   )
+
+
+def test_average_is_the_ema_of_the_updates() -> None:
+  """``optim.ema_decay``: after each optimizer update n (1, 2, ...) the average is
+  d_n * average + (1 - d_n) * params with d_n = min(d, (1 + n) / (10 + n)) (TF's
+  ``ExponentialMovingAverage(num_updates)``), starting from the initial params; a
+  micro-step of ``grad_accum`` that applies no update leaves it alone. The iterate
+  trains exactly as without an average."""
+  mesh = one_device_mesh()
+  model = CoLaRModel(TINY, rngs=nnx.Rngs(0))
+  batch = ts.put_batch(sft_batch(np.random.default_rng(6)), mesh, shd.DEFAULT_RULES)
+  _, plain, frozen, step_plain = setup(model, mesh, grad_accum=2)
+  _, avg, frozen2, step_avg = setup(model, mesh, grad_accum=2, ema_decay=0.5)
+  expect = host_params(avg)
+  jax.tree.map(np.testing.assert_array_equal, expect, jax.tree.map(np.asarray, avg.ema))
+  n = 0
+  for micro in range(6):
+    plain, _ = step_plain(plain, frozen, batch, method="cot", c=1)
+    avg, _ = step_avg(avg, frozen2, batch, method="cot", c=1)
+    jax.tree.map(np.testing.assert_array_equal, host_params(plain), host_params(avg))
+    if micro % 2 == 1:  # the second micro-batch of each pair applies the update
+      n += 1
+      d = min(0.5, (1 + n) / (10 + n))
+      expect = jax.tree.map(lambda e, p: d * e + (1 - d) * p, expect, host_params(avg))
+    got = jax.tree.map(np.asarray, jax.device_get(avg.ema))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expect, got)
+  assert n == 3 and not all(
+    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host_params(avg)), jax.tree.leaves(expect))
+  )
+  assert ts.inference_params(avg) is avg.ema and ts.inference_params(plain) is plain.params
 
 
 def test_lora_trains_adapters_and_head_only() -> None:
@@ -273,6 +306,68 @@ def test_checkpoint_contents_and_load(reference_run: str) -> None:
   a = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   b = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(run.model)))
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_averaged_run_saves_the_average_and_resumes_exactly(data_dir: str, tmp_path) -> None:
+  """With ``optim.ema_decay``, a checkpoint's params are the average (what load_run,
+  eval, export and init_from read) and the iterate travels in its train item: a run
+  stopped at step 4 and resumed to 8 ends with the same average and iterate, bit for
+  bit, as one that ran 8 steps (constant lr, so the step count changes nothing else)."""
+  over = {"optim.ema_decay": 0.8, "train.eval_every": 0, "train.ckpt_every": 4}
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  train_sft.train(config_from(run_args(data_dir, **over)), full)
+  train_sft.train(config_from(run_args(data_dir, **over, **{"train.num_steps": 4})), part)
+  c8 = config_from(run_args(data_dir, **over))
+  train_sft.train(c8, part, allow_config_change=True)
+
+  def saved(wd: str, item: str) -> dict:
+    step_dir = os.path.join(wd, "checkpoints", "8")
+    tree = checkpointing._restore_item(step_dir, item, ocp.args.StandardRestore())
+    return tree if item == "params" else tree["iterate"]
+
+  for item in ("params", "train"):
+    a, b = saved(full, item), saved(part, item)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+  average, iterate = saved(full, "params"), saved(full, "train")
+  assert any(
+    not np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(average), jax.tree.leaves(iterate))
+  )
+  # Switching the average off on a resume is refused, naming the entry; nothing is lost.
+  off = config_from(run_args(data_dir, **{**over, "optim.ema_decay": 0.0}))
+  with pytest.raises(config.ConfigError, match=r"entry iterate/.*ema_decay changed"):
+    train_sft.train(off, full, allow_config_change=True)
+  assert checkpointing.complete_steps(os.path.join(full, "checkpoints"))[-1] == 8
+  run = trun.load_run(full, mesh=one_device_mesh())
+  loaded = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
+  jax.tree.map(
+    lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), average, loaded
+  )
+
+
+def test_init_from_keeps_only_trained_latent_heads() -> None:
+  """init_from: a CoT run's latent head was never trained, so a CoLaR run from it may
+  pick another ``latent_hidden_size`` (its own fresh head); a CoLaR run's head was
+  trained, so a mismatch there is a one-line ConfigError naming the parameter."""
+  src_model = CoLaRModel(TINY.replace(latent_hidden_size=32), rngs=nnx.Rngs(0))
+  src = nnx.to_pure_dict(nnx.state(src_model))
+  wide = CoLaRModel(TINY.replace(latent_hidden_size=48), rngs=nnx.Rngs(1))
+  fresh_head = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(wide))["latent_head"])
+  kept = trun._untrained_heads_dropped(src, wide, "cot")
+  assert "latent_head" not in kept and "lm" in kept
+  checkpointing.transplant(wide, kept, "cot-run", complete=True)
+  got = nnx.to_pure_dict(nnx.state(wide))
+  jax.tree.map(
+    np.testing.assert_array_equal, fresh_head, jax.tree.map(np.asarray, got["latent_head"])
+  )
+  jax.tree.map(np.testing.assert_array_equal, src["lm"], got["lm"])
+  # Same shapes: copied as before.
+  same = CoLaRModel(TINY.replace(latent_hidden_size=32), rngs=nnx.Rngs(1))
+  assert "latent_head" in trun._untrained_heads_dropped(src, same, "cot")
+  with pytest.raises(config.ConfigError, match=r"colar-run: latent_head/.* has shape"):
+    checkpointing.transplant(
+      wide, trun._untrained_heads_dropped(src, wide, "colar"), "colar-run", complete=True
+    )
 
 
 def test_nan_guard_stops_and_never_saves_nan(data_dir: str, tmp_path) -> None:

@@ -257,6 +257,11 @@ class Optim:
   schedule: str = field("constant", "'constant' or 'cosine'.")
   grad_clip: float = field(0.0, "Global gradient norm clip; 0 = off (reference SFT: off).")
   grad_accum: int = field(1, "Micro-batches per optimizer step.")
+  ema_decay: float = field(
+    0.0,
+    "EMA (Polyak) average of the trainable params per update, decay min(d, (1+n)/(10+n)); "
+    "checkpoints' params, validation, eval, export and init_from use it. 0 = off.",
+  )
 
   def check(self, prefix: str) -> None:
     _check(self.lr > 0, prefix + "lr", "must be > 0", self.lr)
@@ -267,6 +272,7 @@ class Optim:
       self.schedule,
     )
     _check(self.grad_accum >= 1, prefix + "grad_accum", "must be >= 1", self.grad_accum)
+    _check(0.0 <= self.ema_decay < 1.0, prefix + "ema_decay", "must be in [0, 1)", self.ema_decay)
 
 
 @dataclasses.dataclass(frozen=True)

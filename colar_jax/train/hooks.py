@@ -36,8 +36,27 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _train_items(state: ts.TrainState) -> dict[str, Any]:
-  return dict(
+  """The checkpoint's ``train`` item. With an average, the checkpoint's ``params`` are
+  the average (what every reader of a run wants) and the iterate the optimizer goes on
+  from is stored here."""
+  items = dict(
     opt_state=state.opt_state, step=state.step, rng=state.rng, nonfinite_step=state.nonfinite_step
+  )
+  if state.ema is not None:
+    items["iterate"] = state.params
+  return items
+
+
+def _restored_state(params: Any, t: dict[str, Any]) -> ts.TrainState:
+  """The train state from a checkpoint's ``params`` and ``train`` items."""
+  averaged = "iterate" in t
+  return ts.TrainState(
+    step=t["step"],
+    params=t["iterate"] if averaged else params,
+    opt_state=t["opt_state"],
+    rng=t["rng"],
+    nonfinite_step=t["nonfinite_step"],
+    ema=params if averaged else None,
   )
 
 
@@ -64,7 +83,7 @@ class Hooks:
   ) -> None:
     self.ckpt.save(
       step,
-      params=state.params,
+      params=ts.inference_params(state),
       train=_train_items(state),
       data_state=it.get_state(),
       meta=dict(self.meta, step=step),
@@ -105,7 +124,7 @@ def _resume(ckpt: checkpoints.Checkpointer, abstract: ts.TrainState) -> tuple[in
   bad: list[checkpoints.UnreadableCheckpointError] = []
   for step in ckpt.steps():
     try:
-      out = ckpt.restore(step, abstract.params, _train_items(abstract))
+      out = ckpt.restore(step, ts.inference_params(abstract), _train_items(abstract))
       err = None
     except checkpoints.UnreadableCheckpointError as e:
       out, err = None, e
@@ -154,13 +173,7 @@ def start(s: RunSetup, workdir: str, tx: Any, shardings: ts.TrainState, **meta: 
       state = ts.init_train_state(s.params, tx, int(run.seed), shardings)
     else:
       params, t, data_state, saved = restored
-      state = ts.TrainState(
-        step=t["step"],
-        params=params,
-        opt_state=t["opt_state"],
-        rng=t["rng"],
-        nonfinite_step=t["nonfinite_step"],
-      )
+      state = _restored_state(params, t)
       embed_std = float(saved["embed_std"])
       logging.info("resumed from %s/%d", ckpt.directory, latest)
     writer.start(latest, cfglib.to_dict(run), run.train)

@@ -147,8 +147,30 @@ def load_model(
     return base, meta
   mc = model_config(target)
   model = shd.create_sharded(lambda: CoLaRModel(mc, rngs=nnx.Rngs(int(target.seed))), mesh, rules)
-  checkpoints.transplant(model, nnx.to_pure_dict(nnx.state(base)), path, complete=True)
+  src = _untrained_heads_dropped(nnx.to_pure_dict(nnx.state(base)), model, meta.get("method"))
+  checkpoints.transplant(model, src, path, complete=True)
   return model, meta
+
+
+def _untrained_heads_dropped(src: dict[str, Any], model: CoLaRModel, method: str | None) -> dict:
+  """``src`` without the latent modules its method never trained (a CoT run's latent
+  head, CoLaR's projection) where the new model's differ in shape: they are init
+  weights, so a CoLaR run from CoT may choose its own ``model.latent_hidden_size``.
+  Where the shapes agree they are copied as before (the same seed gives the same init)."""
+  try:
+    mode = methods.get(method).latent_mode if method else None
+  except (KeyError, ValueError):
+    return src
+  trained = {"sampled": ("latent_head",), "hidden": ("latent_proj",)}.get(mode, ())
+  dst = nnx.to_pure_dict(nnx.state(model))
+  out = dict(src)
+  for name in ("latent_head", "latent_proj"):
+    if name in trained or name not in src:
+      continue
+    shapes = jax.tree.map(np.shape, src[name])
+    if name not in dst or shapes != jax.tree.map(np.shape, dst[name]):
+      del out[name]
+  return out
 
 
 # ----------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def validation_metrics(v: Validation, state: ts.TrainState) -> dict[str, float]:
   n = min(int(run.train.eval_examples), len(d.val_source))
   if n == 0:
     return {}
+  params = ts.inference_params(state)  # what the checkpoint will call params
   sampler = pipeline.SpeedSampler(factors=d.factors, seed=int(run.seed) + 7)
   stage = d.encoder.stage(d.train.epoch_of(int(jax.device_get(state.step))))
   tot, weight = {}, 0.0
@@ -80,7 +81,7 @@ def validation_metrics(v: Validation, state: ts.TrainState) -> dict[str, float]:
       {k: x for k, x in enc.items() if k not in _NON_BATCH_KEYS}, v.s.mesh, v.s.rules
     )
     m = jax.device_get(
-      v.eval_fn(state.params, v.s.frozen, batch, jax.random.key(i), method=run.method, c=cf)
+      v.eval_fn(params, v.s.frozen, batch, jax.random.key(i), method=run.method, c=cf)
     )
     w = float(m["n_tokens"])
     weight += w
@@ -89,7 +90,7 @@ def validation_metrics(v: Validation, state: ts.TrainState) -> dict[str, float]:
         tot[k] = tot.get(k, 0.0) + float(x) * w
   out = {f"val/{k}": x / max(weight, 1.0) for k, x in tot.items()}
   if run.train.monitor == "val/accuracy":
-    model = ts.merge_model(v.s.graphdef, state.params, v.s.frozen)
+    model = ts.merge_model(v.s.graphdef, params, v.s.frozen)
     rc = rollout_config(run.rollout, d.tokenizer, d.templates, v.embed_std)
     out.update(generation_metrics(run, d, model, rc, factor=max(d.factors), n=n))
   return out
@@ -124,11 +125,12 @@ def _train(run: cfglib.Run, workdir: str) -> dict[str, Any]:
   run = s.run
   num_steps, accum = int(run.train.num_steps), max(1, int(run.optim.grad_accum))
   tx = ts.make_optimizer(run.optim, num_steps)
-  shardings = ts.state_shardings(tx, s.params, s.param_shardings, s.mesh)
+  ema_decay = float(run.optim.ema_decay)
+  shardings = ts.state_shardings(tx, s.params, s.param_shardings, s.mesh, ema=ema_decay > 0)
   hooks = start(s, workdir, tx, shardings)
   writer, state, embed_std = hooks.writer, hooks.state, hooks.embed_std
   settings = s.data.method.loss_settings(run, embed_std)
-  train_fn, eval_fn = ts.compile_steps(s.graphdef, tx, settings, shardings)
+  train_fn, eval_fn = ts.compile_steps(s.graphdef, tx, settings, shardings, ema_decay)
   val = Validation(s, eval_fn, embed_std)
   schedule = ts.lr_schedule(run.optim, num_steps)
   kill_at = int(os.environ.get(KILL_ENV, "-1"))

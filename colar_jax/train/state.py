@@ -11,8 +11,13 @@ RNG: the state keeps one base key; the key of a step is ``fold_in(base,
 step)``. A resumed run therefore draws exactly the same random labels and
 latent samples as an uninterrupted one.
 
+Weight averaging (``optim.ema_decay > 0``): the state also carries an exponential
+moving average of the params, updated once per optimizer update (a micro-step of
+``grad_accum`` is not one). The iterate is what trains; the average is what the run's
+checkpoints call ``params`` (validation, evaluation, export, ``init_from``).
+
 NaN guard: a step whose loss, gradient norm or new parameters are not finite
-leaves params and optimizer state unchanged and records its step in
+leaves params, average and optimizer state unchanged and records its step in
 ``nonfinite_step`` (sticky: later steps are skipped too). The host checks it
 whenever it reads metrics, so the run stops naming the first bad step and a
 checkpoint can never contain NaN/inf weights.
@@ -47,6 +52,12 @@ class TrainState:
   opt_state: optax.OptState
   rng: jax.Array  # uint32 [2]: raw base key (raw data so orbax can store it)
   nonfinite_step: jax.Array  # int32 []: first micro-step with a non-finite value, -1 = none
+  ema: Params | None = None  # EMA of params (optim.ema_decay > 0), else None
+
+
+def inference_params(state: TrainState) -> Params:
+  """The params the run is judged and saved by: the average when there is one."""
+  return state.params if state.ema is None else state.ema
 
 
 def trainable_filter(lora: bool) -> nnx.filterlib.Filter:
@@ -113,39 +124,53 @@ def param_shardings(model_state: nnx.State, mesh: Mesh, rules) -> Any:
 
 
 def state_shardings(
-  tx: optax.GradientTransformation, params: Params, p_shard: Any, mesh: Mesh
+  tx: optax.GradientTransformation, params: Params, p_shard: Any, mesh: Mesh, ema: bool = False
 ) -> TrainState:
-  """Optimizer moments follow their parameter; counters and RNG are replicated."""
+  """Optimizer moments and the average follow their parameter; counters and RNG are
+  replicated. ``ema``: whether the state carries an average (``optim.ema_decay > 0``)."""
   rep = NamedSharding(mesh, P())
   abs_opt = jax.eval_shape(tx.init, params)
   opt_shard = optax.tree_map_params(
     tx, lambda _, s: s, abs_opt, p_shard, transform_non_params=lambda _: rep
   )
-  return TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep, nonfinite_step=rep)
+  return TrainState(
+    step=rep,
+    params=p_shard,
+    opt_state=opt_shard,
+    rng=rep,
+    nonfinite_step=rep,
+    ema=p_shard if ema else None,
+  )
 
 
-def _fresh_state(params: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def _fresh_state(
+  params: Params, tx: optax.GradientTransformation, seed: int, ema: bool
+) -> TrainState:
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=jax.tree.map(jnp.copy, params),
     opt_state=tx.init(params),
     rng=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32),
     nonfinite_step=jnp.full((), -1, jnp.int32),
+    ema=jax.tree.map(jnp.copy, params) if ema else None,  # the average starts at the init
   )
 
 
 def init_train_state(
   params: Params, tx: optax.GradientTransformation, seed: int, shardings: TrainState
 ) -> TrainState:
-  """A fresh state placed per ``shardings`` (params are copied, not aliased)."""
-  return jax.jit(functools.partial(_fresh_state, tx=tx, seed=seed), out_shardings=shardings)(params)
+  """A fresh state placed per ``shardings`` (params are copied, not aliased); it has an
+  average iff ``shardings`` has one."""
+  fresh = functools.partial(_fresh_state, tx=tx, seed=seed, ema=shardings.ema is not None)
+  return jax.jit(fresh, out_shardings=shardings)(params)
 
 
 def abstract_train_state(
   params: Params, tx: optax.GradientTransformation, shardings: TrainState
 ) -> TrainState:
   """ShapeDtypeStructs (with shardings) of the state: the orbax restore target."""
-  shapes = jax.eval_shape(functools.partial(_fresh_state, tx=tx, seed=0), params)
+  fresh = functools.partial(_fresh_state, tx=tx, seed=0, ema=shardings.ema is not None)
+  shapes = jax.eval_shape(fresh, params)
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
   )
@@ -163,18 +188,53 @@ def step_key(state: TrainState) -> jax.Array:
   return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
+def ema_decay_at(decay: float, n_updates: jax.Array) -> jax.Array:
+  """The average's decay after ``n_updates`` optimizer updates: ``min(decay, (1 + n) /
+  (10 + n))`` (TF's ``ExponentialMovingAverage(num_updates=n)``), so that in a short or
+  fine-tuning run the average forgets the starting weights within tens of updates."""
+  n = n_updates.astype(jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def _updates_done(opt_state: Any, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(did this micro-step apply an update, updates applied so far) after ``tx.update``.
+  ``optax.MultiSteps`` applies one every ``grad_accum`` micro-steps and counts them."""
+  if isinstance(opt_state, optax.MultiStepsState):
+    return opt_state.mini_step == 0, opt_state.gradient_step
+  return jnp.array(True), step + 1
+
+
+def update_average(
+  ema: Params, params: Params, decay: float, applied: jax.Array, n_updates: jax.Array
+) -> Params:
+  """``ema <- d * ema + (1 - d) * params`` on a micro-step that applied an update."""
+  d = ema_decay_at(decay, n_updates)
+  new = optax.incremental_update(params, ema, 1.0 - d)
+  return jax.tree.map(lambda n, o: jnp.where(applied, n, o).astype(o.dtype), new, ema)
+
+
 def guarded_update(
-  state: TrainState, loss: jax.Array, grads: Params, tx: optax.GradientTransformation
+  state: TrainState,
+  loss: jax.Array,
+  grads: Params,
+  tx: optax.GradientTransformation,
+  ema_decay: float = 0.0,
 ) -> tuple[TrainState, Metrics]:
   """The optimizer update every trainer (SFT and GRPO) takes, behind the NaN guard.
 
-  A non-finite loss, gradient norm or new parameter leaves params and optimizer state
-  unchanged and records the (micro-)step in ``nonfinite_step`` (sticky: later steps are
-  skipped too). Returns the new state and ``loss / grad_norm / finite``.
+  A non-finite loss, gradient norm or new parameter leaves params, average and optimizer
+  state unchanged and records the (micro-)step in ``nonfinite_step`` (sticky: later
+  steps are skipped too). The average (``state.ema``, when there is one) moves toward
+  the new params by ``ema_decay``. Returns the new state and ``loss / grad_norm /
+  finite``.
   """
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  ema = state.ema
+  if ema is not None:
+    applied, n_updates = _updates_done(opt_state, state.step)
+    ema = update_average(ema, params, ema_decay, applied, n_updates)
   ok = (
     jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params) & (state.nonfinite_step < 0)
   )
@@ -186,6 +246,7 @@ def guarded_update(
     opt_state=keep(opt_state, state.opt_state),
     rng=state.rng,
     nonfinite_step=bad,
+    ema=None if ema is None else keep(ema, state.ema),
   )
   return new_state, dict(loss=loss, grad_norm=grad_norm, finite=ok)
 
@@ -200,6 +261,7 @@ def train_step(
   method: str,
   c: int,
   settings: Any,
+  ema_decay: float = 0.0,
 ) -> tuple[TrainState, Metrics]:
   """One micro-step of any SFT method: the method's loss, then :func:`guarded_update`.
 
@@ -214,7 +276,7 @@ def train_step(
     return m.loss(model, batch, key, c=c, settings=settings)
 
   (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  new_state, info = guarded_update(state, loss, grads, tx)
+  new_state, info = guarded_update(state, loss, grads, tx, ema_decay)
   return new_state, dict(metrics, **info)
 
 
@@ -236,7 +298,11 @@ def eval_loss(
 
 
 def compile_steps(
-  graphdef: nnx.GraphDef, tx: optax.GradientTransformation, settings: Any, shardings: TrainState
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  settings: Any,
+  shardings: TrainState,
+  ema_decay: float = 0.0,
 ) -> tuple[Callable[..., tuple[TrainState, Metrics]], Callable[..., Metrics]]:
   """Jitted (train_step, eval_loss): state donated and kept in ``shardings``.
 
@@ -244,7 +310,7 @@ def compile_steps(
   ``evaluate(params, frozen, batch, key, method=..., c=...)``.
   """
   train = jax.jit(
-    functools.partial(train_step, graphdef, tx=tx, settings=settings),
+    functools.partial(train_step, graphdef, tx=tx, settings=settings, ema_decay=ema_decay),
     static_argnames=("method", "c"),
     donate_argnums=(0,),
     out_shardings=(shardings, None),

@@ -186,11 +186,13 @@ def check_fits(path: str, item: str, saved: Any, abstract: Any) -> None:
   if not have:  # no array metadata at all: damage (e.g. no manifest); restoring says what
     return
   what = "parameter" if item == "params" else "optimizer/train state entry"
+  # The train item holds the iterate only when the params are an average (ema_decay).
+  why = "the model or optimizer" if item == "params" else "the model, optimizer or ema_decay"
   for k, shape in want.items():
     if k not in have:
       raise cfglib.ConfigError(
-        f"config: {path} has no {what} {k} that the config's model needs (the model or "
-        "optimizer changed since the run started)"
+        f"config: {path} has no {what} {k} that the config's model needs ({why} changed "
+        "since the run started)"
       )
     if have[k] != shape:
       raise cfglib.ConfigError(
@@ -200,8 +202,8 @@ def check_fits(path: str, item: str, saved: Any, abstract: Any) -> None:
   extra = sorted(set(have) - set(want))
   if extra:
     raise cfglib.ConfigError(
-      f"config: {path} has a {what} {extra[0]} that the config's model lacks (the model or "
-      "optimizer changed since the run started)"
+      f"config: {path} has a {what} {extra[0]} that the config's model lacks ({why} changed "
+      "since the run started)"
     )
 
 
@@ -544,7 +546,7 @@ def transplant(
   model: nnx.Module, params: dict[str, Any], what: str, *, complete: bool = False
 ) -> None:
   """Copies ``params`` (pure dict) into ``model`` by path; a plain ``.../kernel`` may
-  fill a LoRA ``.../base/kernel`` (full-FT run -> LoRA run). Fails on leftovers."""
+  fill a LoRA ``.../base/kernel`` (full-FT run -> LoRA run). Fails on leftovers (a ConfigError naming the parameter: a mismatched ``init_from``)."""
   src = traverse_util.flatten_dict(params)
   state = nnx.state(model)
   dst = traverse_util.flatten_dict(nnx.to_pure_dict(state))
@@ -560,12 +562,12 @@ def transplant(
       # Anything else missing is a mismatched checkpoint (the reference's
       # strict=False silently kept random weights here).
       if not (p[0] in ("latent_head", "latent_proj") or p[-1] in ("lora_a", "lora_b")):
-        raise ValueError(
+        raise cfglib.ConfigError(
           f"{what}: checkpoint has no parameter {'/'.join(map(str, p))} that the model needs"
         )
       continue
     if tuple(src[k].shape) != tuple(dst[p].shape):
-      raise ValueError(
+      raise cfglib.ConfigError(
         f"{what}: {'/'.join(k)} has shape {tuple(src[k].shape)}, the model "
         f"expects {tuple(dst[p].shape)}"
       )
@@ -573,7 +575,7 @@ def transplant(
     used.add(k)
   left = sorted("/".join(k) for k in set(src) - used)
   if left:
-    raise ValueError(
+    raise cfglib.ConfigError(
       f"{what}: parameters the model has no place for: {', '.join(left[:5])}"
       " (a LoRA run can only initialise a run with the same LoRA rank)"
     )

@@ -257,7 +257,9 @@ def _train(run: cfglib.Run, workdir: str, score_fn: ScoreFn | None) -> dict[str,
   n_updates = (n_samples // rl.exp_batch_size) * rl.ppo_epochs
   tx = ts.make_optimizer(rl.optim, num_steps * n_updates)
   schedule = ts.lr_schedule(rl.optim, num_steps * n_updates)
-  shardings = ts.state_shardings(tx, s.params, s.param_shardings, mesh)
+  shardings = ts.state_shardings(
+    tx, s.params, s.param_shardings, mesh, ema=float(rl.optim.ema_decay) > 0
+  )
   ref_params = s.params if rl.kl_weight else None  # frozen SFT policy (state gets a copy)
   hooks = start(s, workdir, tx, shardings, stage="rl")
   writer, state, embed_std, latest = hooks.writer, hooks.state, hooks.embed_std, hooks.latest
@@ -281,7 +283,9 @@ def _train(run: cfglib.Run, workdir: str, score_fn: ScoreFn | None) -> dict[str,
   last: dict[str, Any] = {}
 
   def evaluate_now() -> dict[str, float]:
-    model = ts.merge_model(graphdef, state.params, frozen)
+    # The average (when there is one) is what the checkpoint calls params; the rollouts
+    # that make experience stay on the iterate (on-policy).
+    model = ts.merge_model(graphdef, ts.inference_params(state), frozen)
     val = generation_metrics(
       run, data, model, rcfg, factor=int(rl.compression_factor), n=int(t.eval_examples)
     )

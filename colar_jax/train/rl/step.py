@@ -297,7 +297,7 @@ def rl_update_step(
     return rl_loss(ts.merge_model(graphdef, params, frozen), mb, rl, cfg)
 
   (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  new_state, info = ts.guarded_update(state, loss, grads, tx)
+  new_state, info = ts.guarded_update(state, loss, grads, tx, float(rl.optim.ema_decay))
   return new_state, dict(metrics, **info)
 
 
